@@ -1,0 +1,1 @@
+"""Triton kernels of TokenFlow's hot operations (importable as `tokenflow.kernels`)."""

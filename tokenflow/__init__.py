@@ -1,0 +1,2 @@
+"""TokenFlow: training-free text-driven video editing."""
+__version__ = "0.1.0"

