@@ -35,6 +35,7 @@ class EditConfig:
     negative_prompt: str = DEFAULT_NEGATIVE
     inversion_prompt: str = ""
     model: str = DEFAULT_MODEL
+    model_config: str | None = None  # diffusers config folder for a single-file checkpoint (needed offline)
     mode: str = "pnp"  # pnp | sdedit | depth (PnP on a depth-conditioned UNet)
     seed: int = 1
     guidance_scale: float = 7.5

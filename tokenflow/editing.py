@@ -1,0 +1,135 @@
+"""The TokenFlow editing loop (spec sections 3 to 7): per step, a keyframe pass with extended
+attention, then group passes that propagate the keyframes' self-attention outputs to every frame."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from tokenflow.inversion import model_input
+from tokenflow.keyframes import blend_plan, draw_keyframes
+from tokenflow.progress import bar
+from tokenflow.state import GROUP, KEYFRAME, StepState
+
+log = logging.getLogger("tokenflow")
+
+
+@dataclass
+class EditPlan:
+    """What the loop needs beyond the models: the run's settings, resolved."""
+
+    groups: list[range]
+    batch_size: int
+    guidance_scale: float
+    timesteps: list[int]  # the full sampling schedule (n_timesteps of them), noisiest first
+    first_step: int  # index of the first step run (SDEdit starts part-way)
+    n_qk_steps: int  # Q/K injection while step index < n_qk_steps
+    n_conv_steps: int
+    seed: int
+    groups_per_call: int  # groups sharing one UNet call in the group passes
+
+
+def start_index(n_timesteps: int, mode: str, start: float, timesteps: list[int], num_train: int) -> int:
+    """PnP starts at the first sampling timestep. SDEdit starts at the first timestep <= start * T
+    (the intended t; the reference's slicing started one step later)."""
+    if mode != "sdedit":
+        return 0
+    for i, t in enumerate(timesteps):
+        if t <= start * num_train:
+            return i
+    return len(timesteps) - 1
+
+
+def initial_latents(sched: DDIMScheduler, x0: torch.Tensor, eps: torch.Tensor, t0: int) -> torch.Tensor:
+    """x = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps (the reference re-noises; it does not reuse the kept latent)."""
+    return sched.add_noise(x0, eps, torch.tensor([t0]))
+
+
+def inversion_noise(sched: DDIMScheduler, x0: torch.Tensor, x_T: torch.Tensor, T: int) -> torch.Tensor:
+    """eps_T = (x_T - sqrt(abar_T) x0) / sqrt(1 - abar_T), from the noisiest kept latent."""
+    a = sched.alphas_cumprod[T]
+    return (x_T - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+class OOMRetry:
+    """Halve the groups per UNet call once a CUDA OOM hits, and retry (logged)."""
+
+    def __init__(self, groups_per_call: int):
+        self.groups_per_call = groups_per_call
+
+    def run(self, fn, items: list):
+        i = 0
+        while i < len(items):
+            n = self.groups_per_call
+            try:
+                fn(items[i:i + n])
+                i += n
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self.groups_per_call = max(1, n // 2)
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory with %d groups per UNet call; retrying with %d", n, self.groups_per_call)
+
+
+@torch.no_grad()
+def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, source_at, embs: torch.Tensor,
+                 depth: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+    """Denoise the edited latents `x` [N, 4, h, w] (host, float32) over `plan.timesteps`.
+
+    source_at(t) -> [N, 4, h, w]: the kept inverted latents at t (the source branch is never advanced).
+    embs: [3, 77, D] text embeddings of [source | uncond | cond].
+    Returns the edited latents at t = 0 (host, float32).
+    """
+    sched = DDIMScheduler.from_config(models.scheduler_config)
+    sched.set_timesteps(len(plan.timesteps))
+    gen = torch.Generator().manual_seed(plan.seed)
+    which_all, weights_all = blend_plan(plan.groups, plan.batch_size)
+    dev, dt = models.device, models.dtype
+    G = len(plan.groups)
+    retry = OOMRetry(plan.groups_per_call)
+
+    def unet(src: torch.Tensor, lat: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
+        """One UNet call on the triple batch of frames `idx`; returns the guided model output."""
+        n = len(idx)
+        rows = torch.cat([src[idx], lat[idx], lat[idx]]).to(dev)
+        d = None if depth is None else depth[idx].repeat(3, 1, 1, 1).to(dev)
+        e = embs.to(dev).repeat_interleave(n, dim=0)
+        out = models.unet(model_input(rows, d).to(dt), t, encoder_hidden_states=e).sample.float()
+        _, u, c = out.chunk(3)
+        return u + plan.guidance_scale * (c - u)
+
+    for step in bar(range(plan.first_step, len(plan.timesteps)), "edit", progress, unit="step"):
+        t = plan.timesteps[step]
+        src = source_at(t)
+        state.t, state.step = t, step
+        state.qk_inject = step < plan.n_qk_steps
+        state.conv_inject = step < plan.n_conv_steps
+        keyframes = draw_keyframes(plan.groups, plan.batch_size, gen)
+
+        # Keyframe pass: extended attention over all keyframes; records features and outputs.
+        state.records.clear()
+        state.kind = KEYFRAME
+        unet(src, x, t, keyframes)
+
+        # Group passes: propagation from keyframes g and g-1; several groups may share one call.
+        state.kind = GROUP
+        x_next = torch.empty_like(x)
+
+        def groups_call(gs: list[int]):
+            lo, hi = max(gs[0] - 1, 0), gs[-1] + 1
+            idx = torch.arange(plan.groups[gs[0]].start, plan.groups[gs[-1]].stop)
+            which = which_all[idx]
+            state.key_lo, state.key_hi = lo, hi
+            state.which = torch.where(which >= 0, which - lo, which).to(dev)
+            state.weights = weights_all[idx]
+            guided = unet(src, x, t, idx)
+            x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.cpu()
+
+        retry.run(groups_call, list(range(G)))
+        x = x_next
+    state.plain()
+    state.records.clear()
+    return x

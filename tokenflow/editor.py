@@ -1,0 +1,201 @@
+"""The Python API: build an editor from a model, invert a video, edit it with a prompt, get frames back.
+
+    from tokenflow import EditConfig, TokenFlowEditor
+    cfg = EditConfig(prompt="a marble sculpture of a woman running")
+    editor = TokenFlowEditor.from_config(cfg)
+    result = editor.edit(frames, cfg)      # frames: uint8 [N, 3, H, W], H and W multiples of 8
+    result.frames                          # uint8 [N', 3, H, W]
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+
+from tokenflow.config import EditConfig
+from tokenflow.depth import depth_maps
+from tokenflow.editing import EditPlan, edit_latents, initial_latents, inversion_noise, start_index
+from tokenflow.errors import TokenFlowError
+from tokenflow.inversion import (decode_latents, encode_frames, invert_into_store, kept_timesteps, model_input,
+                                 psnr, sampling_timesteps)
+from tokenflow.keyframes import make_groups
+from tokenflow.latent_store import LatentStore, frames_digest
+from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
+from tokenflow.planner import plan_chunk_frames
+from tokenflow.processors import install
+from tokenflow.state import StepState
+
+log = logging.getLogger("tokenflow")
+
+
+@dataclass
+class Inversion:
+    """The inverted latents of one video, in the latent store."""
+
+    store: LatentStore
+    x0: torch.Tensor  # [N, 4, h, w] VAE latents (host, float32)
+    timesteps: list[int]  # kept timesteps, ascending
+    reused: bool  # every chunk was already in the store
+    chunks_inverted: int
+    reconstruction_psnr: float | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    def latents_at(self, t: int) -> torch.Tensor:
+        return self.store.latents_at(t, len(self.x0))
+
+
+@dataclass
+class EditResult:
+    frames: torch.Tensor  # uint8 [N, 3, H, W]
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    peak_gpu_mem: int | None = None  # bytes, on CUDA
+    inversion_reused: bool = False
+    inversion_path: Path | None = None
+
+
+class TokenFlowEditor:
+    def __init__(self, models: Models, *, cache_dir: str | Path | None = None):
+        self.models = models
+        self.cache_dir = cache_dir
+        self.state = StepState()
+        install(models.unet, self.state)
+
+    @classmethod
+    def from_config(cls, cfg: EditConfig) -> "TokenFlowEditor":
+        device = resolve_device(cfg.device)
+        models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                             model_config=cfg.model_config)
+        return cls(models, cache_dir=cfg.cache_dir)
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def _frames(self, frames: torch.Tensor, cfg: EditConfig) -> tuple[torch.Tensor, list[range]]:
+        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
+            got = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise TokenFlowError(f"frames must be a uint8 tensor [N, 3, H, W]; got {got}")
+        if len(frames) == 0:
+            raise TokenFlowError("the video has no frames")
+        H, W = frames.shape[2:]
+        if H % 8 or W % 8:
+            raise TokenFlowError(f"frame size {W}x{H} is not a multiple of 8 (the VAE downsamples by 8); "
+                                 f"resize to {W // 8 * 8}x{H // 8 * 8} (the CLI does this for you)")
+        if cfg.n_frames is not None:
+            frames = frames[:cfg.n_frames]
+        groups = make_groups(len(frames), cfg.batch_size, cfg.match_reference)
+        return frames[:groups[-1].stop], groups
+
+    def _depth(self, frames, cfg, depth, chunk):
+        if not self.models.is_depth:
+            if cfg.mode == "depth":
+                raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
+                                     f"sd2-community/stable-diffusion-2-depth); {self.models.name} is not one")
+            return None
+        return depth_maps(self.models, frames, depth, chunk)
+
+    def _key(self, frames, cfg, depth) -> dict:
+        return {"model": self.models.name, "weights": self.models.fingerprint(), "dtype": str(self.models.dtype),
+                "size": list(frames.shape[2:]), "frames": frames_digest(frames), "prompt": cfg.inversion_prompt,
+                "steps": cfg.n_inversion_steps,
+                "keep": kept_timesteps(self.models.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps),
+                "depth": None if depth is None else frames_digest((depth * 127.5 + 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1))}
+
+    # -- stages --------------------------------------------------------------------------------------
+    def invert(self, frames: torch.Tensor, cfg: EditConfig, *, progress: bool = True,
+               depth: torch.Tensor | None = None, _timings: dict | None = None) -> Inversion:
+        """DDIM-invert `frames` (uint8 [N, 3, H, W]) into the latent store, or reuse/resume what is there."""
+        cfg.validate()
+        timings = {} if _timings is None else _timings
+        m = self.models
+        frames, _ = self._frames(frames, cfg)
+        chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
+        d = self._depth(frames, cfg, depth, chunk)
+        keep = kept_timesteps(m.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps)
+        store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d), chunk)
+        with _timed(timings, "encode"):
+            x0 = store.load_x0()
+            if x0 is None:
+                x0 = encode_frames(m, frames, chunk, progress)
+                store.save_x0(x0)
+        emb = m.encode_prompt([cfg.inversion_prompt])
+        reused = store.complete
+        with _timed(timings, "invert"):
+            n = 0 if reused else invert_into_store(m, store, x0, emb, cfg.n_inversion_steps, keep, d, progress)
+        inv = Inversion(store, x0, keep, reused, n)
+        if cfg.reconstruct:
+            with _timed(timings, "reconstruct"):
+                inv.reconstruction_psnr = self._reconstruction_psnr(frames, inv, emb, cfg, d, chunk, progress)
+            log.info("reconstruction PSNR: %.2f dB", inv.reconstruction_psnr)
+        return inv
+
+    @torch.no_grad()
+    def _reconstruction_psnr(self, frames, inv, emb, cfg, depth, chunk, progress) -> float:
+        """DDIM-sample the noisiest kept latent back (no edit, guidance 1) and compare with the input."""
+        m = self.models
+        sched = DDIMScheduler.from_config(m.scheduler_config)
+        sched.set_timesteps(cfg.n_timesteps)
+        x = inv.latents_at(inv.timesteps[-1])
+        for t in sched.timesteps:
+            for a in range(0, len(x), chunk):
+                xa = x[a:a + chunk].to(m.device)
+                d = None if depth is None else depth[a:a + chunk].to(m.device)
+                out = m.unet(model_input(xa, d).to(m.dtype), t, encoder_hidden_states=emb.expand(len(xa), -1, -1)).sample
+                x[a:a + chunk] = sched.step(out.float(), t, xa).prev_sample.cpu()
+        recon = torch.cat(list(decode_latents(m, x, chunk, progress)))
+        return psnr(recon, frames)
+
+    def edit(self, frames: torch.Tensor, cfg: EditConfig, *, progress: bool = True,
+             depth: torch.Tensor | None = None, inversion: Inversion | None = None) -> EditResult:
+        """Edit `frames` (uint8 [N, 3, H, W]) with `cfg.prompt`; inverts first unless the store has it."""
+        cfg.validate()
+        if not cfg.prompt.strip():
+            raise TokenFlowError("the prompt is empty: say what the edited video should show (--prompt \"...\")")
+        m = self.models
+        if m.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(m.device)
+        timings: dict[str, float] = {}
+        frames, groups = self._frames(frames, cfg)
+        if inversion is None:
+            inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
+        chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
+        d = self._depth(frames, cfg, depth, chunk)
+
+        timesteps = sampling_timesteps(m.scheduler_config, cfg.n_timesteps)
+        sched = DDIMScheduler.from_config(m.scheduler_config)
+        first = start_index(cfg.n_timesteps, cfg.mode, cfg.start, timesteps, sched.config.num_train_timesteps)
+        x0 = inversion.x0
+        T = inversion.timesteps[-1]
+        if cfg.mode == "sdedit" and not cfg.use_ddim_noise:
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))
+        else:
+            eps = inversion_noise(sched, x0, inversion.latents_at(T), T)
+        x = initial_latents(sched, x0, eps, timesteps[first])
+        plan = EditPlan(
+            groups=groups, batch_size=cfg.batch_size, guidance_scale=cfg.guidance_scale, timesteps=timesteps,
+            first_step=first,
+            n_qk_steps=int(cfg.n_timesteps * cfg.pnp_attn_t) if cfg.mode != "sdedit" else 0,
+            n_conv_steps=int(cfg.n_timesteps * cfg.pnp_f_t) if cfg.mode != "sdedit" else 0,
+            seed=cfg.seed, groups_per_call=max(1, chunk // cfg.batch_size))
+        embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
+        self.state.backend = None if cfg.backend == "auto" else cfg.backend
+        with _timed(timings, "edit"):
+            x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress)
+        with _timed(timings, "decode"):
+            out = torch.cat(list(decode_latents(m, x, chunk, progress)))
+        peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
+        return EditResult(out, timings, peak, inversion.reused, inversion.path)
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0

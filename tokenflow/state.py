@@ -1,0 +1,75 @@
+"""Per-step state shared by every TokenFlow processor, and the keyframe pass's records.
+
+Diffusers drops unknown `cross_attention_kwargs`, so the processors read what they need (which pass
+runs, whether injection is on, which keyframes each frame blends) from one `StepState` they hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+OFF, KEYFRAME, GROUP = "off", "keyframe", "group"
+
+
+class KeyframeRecords:
+    """What the keyframe pass records in every transformer block, for the group passes of the same step.
+
+    Per layer: `feats` [K, S, C], the source branch's self-attention input (norm1 output), and
+    `out` [3, K, S, C], the self-attention outputs of the three branches. Lifetime: cleared at the
+    start of each step's keyframe pass, read by that step's group passes. With `offload`, records
+    live in (pinned) host memory and `window()` copies just the keyframes one UNet call needs.
+    """
+
+    def __init__(self, offload: bool = False):
+        self.offload = offload
+        self._feats: dict[str, torch.Tensor] = {}
+        self._out: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self._feats.clear()
+        self._out.clear()
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.offload or t.device.type == "cpu":
+            return t.contiguous()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    def put_feats(self, layer: str, feats: torch.Tensor) -> None:
+        self._feats[layer] = self._keep(feats)
+
+    def put_out(self, layer: str, out: torch.Tensor) -> None:
+        self._out[layer] = self._keep(out)
+
+    def window(self, layer: str, lo: int, hi: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feats[lo:hi], out[:, lo:hi]) on `device`."""
+        if layer not in self._feats:
+            raise RuntimeError(f"no keyframe record for {layer}: a group pass ran before its keyframe pass")
+        f, o = self._feats[layer][lo:hi], self._out[layer][:, lo:hi]
+        return f.to(device, non_blocking=True), o.to(device, non_blocking=True)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self._feats, self._out) for t in d.values())
+
+
+@dataclass
+class StepState:
+    """What the current UNet call is, for the processors and hooks."""
+
+    kind: str = OFF  # off (plain UNet, e.g. inversion) | keyframe | group
+    t: int = -1
+    step: int = -1
+    qk_inject: bool = False
+    conv_inject: bool = False
+    backend: str | None = None
+    # Group pass: keyframes [key_lo, key_hi) of the records, and per frame of the call the record-local
+    # indices of its candidate keyframes ([F, 2], -1 = none) and their blend weights ([F, 2]).
+    key_lo: int = 0
+    key_hi: int = 0
+    which: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    records: KeyframeRecords = field(default_factory=KeyframeRecords)
+
+    def plain(self) -> None:
+        self.kind = OFF

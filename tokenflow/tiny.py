@@ -1,0 +1,88 @@
+"""A tiny Stable-Diffusion-shaped model with random weights, for tests and smoke runs.
+
+Same module structure as SD 1.x/2.x (4 down and 4 up blocks, 2 layers per block, cross-attention
+transformers at three levels), so every code path of the engine runs; its output is meaningless.
+The CLIP tokenizer is built from a byte-level vocabulary written to a temporary folder: nothing is
+downloaded.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TINY_MODEL = "tiny-random"
+TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's byte-to-printable-character table (the BPE base alphabet).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def tokenizer_dir() -> str:
+    """Write a byte-level CLIP vocabulary (no merges) and return its folder."""
+    d = Path(tempfile.mkdtemp(prefix="tokenflow-tiny-tokenizer-"))
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    return str(d)
+
+
+def build_tiny_models(variant: str = TINY_MODEL, seed: int = 0):
+    """Build (vae, tokenizer, text_encoder, unet, scheduler_config) with seeded random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny model {variant!r}; choose one of {', '.join(TINY_VARIANTS)}")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        sd1 = variant == "tiny-random-sd1"
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=5 if variant == "tiny-random-depth" else 4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            # SD 2.x: head dim 64 is spelled as per-level head counts; SD 1.x: 8 heads everywhere.
+            attention_head_dim=8 if sd1 else (2, 2, 4, 4),
+            use_linear_projection=not sd1,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64,
+            scaling_factor=0.18215,
+        )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction" if variant == "tiny-random-v" else "epsilon")
+    for m in (text_encoder, unet, vae):
+        m.eval().requires_grad_(False)
+    return vae, tokenizer, text_encoder, unet, dict(scheduler.config)
