@@ -7,3 +7,49 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def clip():
+    """10 random 64x64 frames (uint8 [N, 3, H, W]) with some structure, so features differ across tokens."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8)
+    frames = torch.stack([torch.roll(base, shifts=(i, 2 * i), dims=(1, 2)) for i in range(10)])
+    return frames
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    from tokenflow.config import EditConfig
+    return EditConfig(prompt="a red car", model="tiny-random", batch_size=4, n_inversion_steps=10, n_timesteps=5,
+                      cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_editor():
+    from tokenflow.editor import TokenFlowEditor
+    from tokenflow.models import load_models
+    return TokenFlowEditor(load_models("tiny-random", device=torch.device("cpu"), dtype=torch.float32))
+
+
+class CallCounter:
+    """Counts forward calls of a module."""
+
+    def __init__(self, module):
+        self.n = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.fixture
+def unet_calls(tiny_editor):
+    c = CallCounter(tiny_editor.models.unet)
+    yield c
+    c.close()

@@ -1,0 +1,126 @@
+"""End-to-end and structural checks of the editing engine on tiny random SD-shaped models (CPU)."""
+import pytest
+import torch
+
+from tokenflow.editor import TokenFlowEditor
+from tokenflow.errors import TokenFlowError
+from tokenflow.layers import self_attention_layers
+from tokenflow.models import load_models
+from tokenflow.processors import TokenFlowSelfAttention
+
+SPEC_QK_LAYERS = {f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1"
+                  for b, a in [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]}
+
+
+@pytest.mark.parametrize("model,mode", [("tiny-random", "pnp"), ("tiny-random", "sdedit"),
+                                        ("tiny-random-depth", "depth"), ("tiny-random-v", "pnp")])
+def test_invert_then_edit_end_to_end(model, mode, clip, tiny_cfg):
+    cfg = tiny_cfg.replace(model=model, mode=mode)
+    editor = TokenFlowEditor.from_config(cfg)
+    depth = clip[:, :1] if mode == "depth" else None
+    a = editor.edit(clip, cfg, progress=False, depth=depth)
+    assert a.frames.shape == clip.shape and a.frames.dtype == torch.uint8
+    assert a.frames.float().std() > 0  # not a constant image
+    b = editor.edit(clip, cfg, progress=False, depth=depth)  # same seed, inversion reused
+    assert b.inversion_reused and not a.inversion_reused
+    c = editor.edit(clip, cfg, progress=False, depth=depth)
+    assert torch.equal(b.frames, c.frames)  # deterministic
+    # The first run computed its inversion in memory, the others read it back: at most a rounding step apart.
+    assert (a.frames.int() - b.frames.int()).abs().max() <= 2
+    d = editor.edit(clip, cfg.replace(seed=2), progress=False, depth=depth)
+    assert not torch.equal(d.frames, c.frames)  # other keyframes
+
+
+def test_injection_hits_exactly_the_spec_layers_and_schedules(tiny_editor, clip, tiny_cfg, monkeypatch):
+    cfg = tiny_cfg.replace(n_timesteps=10, n_inversion_steps=10)  # Q/K in steps 0-4, conv in steps 0-7
+    inv = tiny_editor.invert(clip, cfg, progress=False)
+    qk_seen = {}
+    orig = TokenFlowSelfAttention._keyframe
+
+    def spy(self, attn, h):
+        shared = self.qk_injection and self.state.qk_inject
+        qk_seen.setdefault(self.layer, []).append((self.state.step, shared))
+        return orig(self, attn, h)
+
+    monkeypatch.setattr(TokenFlowSelfAttention, "_keyframe", spy)
+    unet = tiny_editor.models.unet
+    injected = {}  # conv2 module name -> steps where uncond/cond rows equal the source rows
+    handles = []
+    for name, mod in unet.named_modules():
+        if name.endswith("conv2") and "resnets" in name:
+            def hook(m, args, out, name=name):
+                F = out.shape[0] // 3
+                if tiny_editor.state.kind != "off" and torch.equal(out[F:2 * F], out[:F]) and torch.equal(out[2 * F:], out[:F]):
+                    injected.setdefault(name, set()).add(tiny_editor.state.step)
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(injected) == {"up_blocks.1.resnets.1.conv2"}
+    assert injected["up_blocks.1.resnets.1.conv2"] == set(range(8))  # int(0.8 * 10) steps
+    shared_layers = {layer for layer, seen in qk_seen.items() if any(s for _, s in seen)}
+    assert shared_layers == SPEC_QK_LAYERS
+    for layer in SPEC_QK_LAYERS:
+        assert [step for step, s in qk_seen[layer] if s] == list(range(5))  # int(0.5 * 10) steps
+    assert len(qk_seen) == 16  # every self-attention layer ran extended attention once per step
+
+
+def test_layers_found_by_structure_in_sd1_and_sd2_shapes():
+    for variant in ("tiny-random", "tiny-random-sd1"):
+        unet = load_models(variant, device=torch.device("cpu"), dtype=torch.float32).unet
+        layers = self_attention_layers(unet)
+        assert len(layers) == 16
+        assert {l.name for l in layers if l.qk_injection} == SPEC_QK_LAYERS
+
+
+def test_group_pass_replaces_self_attention_with_propagation(tiny_editor, clip, tiny_cfg, monkeypatch):
+    """attn1 is never computed in a group pass: no q/k/v projection runs there."""
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    calls = {"keyframe": 0, "group": 0}
+    attn = tiny_editor.models.unet.up_blocks[1].attentions[1].transformer_blocks[0].attn1
+    h = attn.to_q.register_forward_hook(lambda *a: calls.__setitem__(tiny_editor.state.kind, calls[tiny_editor.state.kind] + 1))
+    try:
+        tiny_editor.edit(clip, tiny_cfg, progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert calls == {"keyframe": tiny_cfg.n_timesteps, "group": 0}
+
+
+def test_unet_calls_per_step(tiny_editor, clip, tiny_cfg, unet_calls):
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    unet_calls.n = 0
+    tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    assert unet_calls.n == tiny_cfg.n_timesteps * (1 + 3)  # keyframe pass + 3 groups (4 + 4 + 2 frames)
+    unet_calls.n = 0
+    tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=12), progress=False, inversion=inv)
+    assert unet_calls.n == tiny_cfg.n_timesteps * (1 + 1)  # all groups share one call
+
+
+def test_chunking_is_exact(tiny_editor, clip, tiny_cfg):
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    a = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    b = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=12), progress=False, inversion=inv)
+    assert (a.frames.int() - b.frames.int()).abs().max() <= 1
+
+
+def test_reference_mode_rounds_frames_down(tiny_editor, clip, tiny_cfg):
+    r = tiny_editor.edit(clip, tiny_cfg.replace(match_reference=True), progress=False)
+    assert len(r.frames) == 8  # 10 frames, B = 4: the reference drops the last 2
+    r = tiny_editor.edit(clip, tiny_cfg, progress=False)
+    assert len(r.frames) == 10
+
+
+@pytest.mark.parametrize("frames,cfg_change,match", [
+    (torch.zeros(0, 3, 64, 64, dtype=torch.uint8), {}, "no frames"),
+    (torch.zeros(3, 3, 64, 64, dtype=torch.uint8), {"match_reference": True}, "fewer than one group"),
+    (torch.zeros(4, 3, 60, 64, dtype=torch.uint8), {}, "multiple of 8"),
+    (torch.zeros(4, 3, 64, 64), {}, "uint8"),
+    (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), {"prompt": "  "}, "prompt is empty"),
+    (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), {"mode": "depth"}, "depth model"),
+    (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), {"n_inversion_steps": 7}, "multiple of n_timesteps"),
+])
+def test_bad_input_is_a_clear_error(tiny_editor, tiny_cfg, frames, cfg_change, match):
+    with pytest.raises(TokenFlowError, match=match):
+        tiny_editor.edit(frames, tiny_cfg.replace(**cfg_change), progress=False)
