@@ -1,0 +1,56 @@
+"""Long-video machinery on the CPU: chunking is exact, an OOM halves the chunk and retries."""
+import logging
+
+import pytest
+import torch
+
+from tokenflow.state import KeyframeRecords
+
+
+@pytest.fixture(scope="module")
+def long_clip():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(0, 256, (3, 64, 96), generator=g, dtype=torch.uint8)
+    return torch.stack([torch.roll(base, shifts=i % 17, dims=2)[:, :, :64] for i in range(200)])
+
+
+def test_200_frames_chunked_equal_one_unchunked_run(tiny_editor, long_clip, tiny_cfg):
+    cfg = tiny_cfg.replace(batch_size=8, n_timesteps=2, n_inversion_steps=2)
+    inv = tiny_editor.invert(long_clip, cfg.replace(chunk_frames=200), progress=False)
+    whole = tiny_editor.edit(long_clip, cfg.replace(chunk_frames=200), progress=False, inversion=inv)
+    small = tiny_editor.edit(long_clip, cfg.replace(chunk_frames=8), progress=False, inversion=inv)
+    assert whole.frames.shape == (200, 3, 64, 64)
+    assert (whole.frames.int() - small.frames.int()).abs().max() <= 1
+
+
+def test_oom_halves_the_groups_per_call_and_retries(tiny_editor, clip, tiny_cfg, monkeypatch, caplog):
+    """A fake allocator limit: any UNet call with more than 3 * 4 rows raises CUDA's OOM error."""
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    unet = tiny_editor.models.unet
+    sizes = []
+
+    def limit(module, args):
+        sizes.append(args[0].shape[0])
+        if tiny_editor.state.kind == "group" and args[0].shape[0] > 12:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+    h = unet.register_forward_pre_hook(limit)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokenflow"):
+            got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=12), progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert "out of memory" in caplog.text and "retrying with 1" in caplog.text
+    assert 30 in sizes  # it did try all 3 groups (4 + 4 + 2 frames) in one call first
+    assert (got.frames.int() - expected.frames.int()).abs().max() <= 1
+
+
+def test_offloaded_records_give_the_same_window():
+    rec, off = KeyframeRecords(), KeyframeRecords(offload=True)
+    f, o = torch.randn(5, 7, 8), torch.randn(3, 5, 7, 8)
+    for r in (rec, off):
+        r.put_feats("l", f)
+        r.put_out("l", o)
+    a, b = rec.window("l", 1, 3, torch.device("cpu")), off.window("l", 1, 3, torch.device("cpu"))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], f[1:3])
+    assert rec.nbytes() == (f.numel() + o.numel()) * 4
