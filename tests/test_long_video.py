@@ -54,3 +54,35 @@ def test_offloaded_records_give_the_same_window():
     a, b = rec.window("l", 1, 3, torch.device("cpu")), off.window("l", 1, 3, torch.device("cpu"))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], f[1:3])
     assert rec.nbytes() == (f.numel() + o.numel()) * 4
+
+
+def test_windowed_attention_equals_exact_when_the_window_covers_all_keyframes():
+    from tokenflow import ops
+    from tokenflow.windowed import window_of, windowed_extended_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 5, 6, 16, generator=g) for _ in range(3))
+    exact = ops.extended_attention(q, k, v, 2, backend="torch")
+    got = windowed_extended_attention(q, k, v, 2, shared_qk=False, scale=8 ** -0.5, window=5, backend="torch")
+    torch.testing.assert_close(got, exact)
+    # Forced down the windowed code path with a window that still covers everything: same result.
+    import tokenflow.windowed as w
+    narrow = w.windowed_extended_attention
+    orig_window = w.window_of
+    w.window_of = lambda i, K, W: list(range(K))
+    try:
+        got = narrow(q, k, v, 2, shared_qk=True, scale=8 ** -0.5, window=2, backend="torch")
+    finally:
+        w.window_of = orig_window
+    torch.testing.assert_close(got, ops.extended_attention(q[:1], k[:1], v, 2, shared_qk=True, backend="torch"))
+    assert window_of(0, 20, 4) == [0, 1, 2, 3, 10, 19] and window_of(19, 20, 4) == [0, 10, 16, 17, 18, 19]
+
+
+def test_windowed_edit_runs_and_differs_from_exact(tiny_editor, clip, tiny_cfg):
+    cfg = tiny_cfg.replace(batch_size=2)  # 5 keyframes
+    inv = tiny_editor.invert(clip, cfg, progress=False)
+    exact = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    covering = tiny_editor.edit(clip, cfg.replace(keyframe_window=5), progress=False, inversion=inv)
+    windowed = tiny_editor.edit(clip, cfg.replace(keyframe_window=1), progress=False, inversion=inv)
+    assert (exact.frames.int() - covering.frames.int()).abs().max() <= 1
+    assert not torch.equal(exact.frames, windowed.frames)

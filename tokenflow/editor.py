@@ -184,6 +184,7 @@ class TokenFlowEditor:
             seed=cfg.seed, groups_per_call=max(1, chunk // cfg.batch_size))
         embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
         self.state.backend = None if cfg.backend == "auto" else cfg.backend
+        self.state.keyframe_window = cfg.keyframe_window
         with _timed(timings, "edit"):
             x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress)
         with _timed(timings, "decode"):

@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tokenflow import ops
 from tokenflow.layers import conv_injection_module, self_attention_layers
 from tokenflow.state import GROUP, KEYFRAME, StepState
+from tokenflow.windowed import windowed_extended_attention
 
 CONV_HOOK = "tokenflow_conv_injection"
 
@@ -45,7 +46,11 @@ class TokenFlowSelfAttention:
         q = attn.to_q(qk_rows).view(-1, K, S, C)
         k = attn.to_k(qk_rows).view(-1, K, S, C)
         v = attn.to_v(h).view(3, K, S, C)
-        out = ops.extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale, backend=st.backend)
+        if st.keyframe_window:
+            out = windowed_extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale,
+                                              window=st.keyframe_window, backend=st.backend)
+        else:
+            out = ops.extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale, backend=st.backend)
         out = attn.to_out[1](attn.to_out[0](out.view(n, S, C)))
         st.records.put_out(self.layer, out.view(3, K, S, C))
         return out
