@@ -111,7 +111,7 @@ def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_co
     hub id (withdrawn SD 1.5/2.x ids are mapped to their mirrors).
     """
     if name in TINY_VARIANTS:
-        vae, tok, te, unet, sched = build_tiny_models(name)
+        vae, tok, te, unet, sched = build_tiny_models(name, device=device)
         return _finish(Models(vae, tok, te, unet, sched, name), device, dtype)
     if name in ALIASES:
         log.warning("model %s was withdrawn from the hub; using its mirror %s", name, ALIASES[name])

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 TINY_MODEL = "tiny-random"
-TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1")
+SD21_RANDOM = "sd21-random"  # the full SD 2.1-base architecture with random weights, for benchmarks
+TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", SD21_RANDOM)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -45,20 +46,27 @@ def tokenizer_dir() -> str:
     return str(d)
 
 
-def build_tiny_models(variant: str = TINY_MODEL, seed: int = 0):
-    """Build (vae, tokenizer, text_encoder, unet, scheduler_config) with seeded random weights."""
+def build_tiny_models(variant: str = TINY_MODEL, seed: int = 0, device: str | torch.device = "cpu"):
+    """Build (vae, tokenizer, text_encoder, unet, scheduler_config) with seeded random weights.
+
+    `device`: where the weights are created and initialised (a GPU initialises a full-size model in
+    a fraction of the CPU's time)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if variant not in TINY_VARIANTS:
         raise ValueError(f"unknown tiny model {variant!r}; choose one of {', '.join(TINY_VARIANTS)}")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77)
-    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
-        torch.manual_seed(seed)
+    device = torch.device(device)
+    gpus = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, device_type="cuda"), device:
+        torch.manual_seed(seed)  # seeded weights without touching the caller's RNG
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        if variant == SD21_RANDOM:
+            return _sd21_random(tokenizer)
         sd1 = variant == "tiny-random-sd1"
         unet = UNet2DConditionModel(
             sample_size=8,
@@ -83,6 +91,32 @@ def build_tiny_models(variant: str = TINY_MODEL, seed: int = 0):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1,
                               prediction_type="v_prediction" if variant == "tiny-random-v" else "epsilon")
+    for m in (text_encoder, unet, vae):
+        m.eval().requires_grad_(False)
+    return vae, tokenizer, text_encoder, unet, dict(scheduler.config)
+
+
+def _sd21_random(tokenizer):
+    """SD 2.1-base's UNet, VAE and text encoder from their published configs (speed does not depend on
+    the weights). The tokenizer is the tiny byte-level one: its ids are valid in the 49408-token encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        sample_size=768, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     for m in (text_encoder, unet, vae):
         m.eval().requires_grad_(False)
     return vae, tokenizer, text_encoder, unet, dict(scheduler.config)
