@@ -86,3 +86,20 @@ def test_windowed_edit_runs_and_differs_from_exact(tiny_editor, clip, tiny_cfg):
     windowed = tiny_editor.edit(clip, cfg.replace(keyframe_window=1), progress=False, inversion=inv)
     assert (exact.frames.int() - covering.frames.int()).abs().max() <= 1
     assert not torch.equal(exact.frames, windowed.frames)
+
+
+def test_keyframe_pass_in_chunks_is_exact(tiny_editor, clip, tiny_cfg):
+    """Per-row modules run one keyframe at a time (self-attention still sees all three keyframes)."""
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    conv = tiny_editor.models.unet.up_blocks[1].resnets[1].conv2
+    rows = []
+    h = conv.register_forward_hook(lambda m, a, o: rows.append((tiny_editor.state.kind, o.shape[0])))
+    try:
+        whole = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=12), progress=False, inversion=inv)
+        n_whole = len(rows)
+        chunked = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=1), progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert ("keyframe", 9) in rows[:n_whole] and ("keyframe", 3) in rows[n_whole:]  # 3 keyframes x 3 branches
+    assert ("keyframe", 9) not in rows[n_whole:]
+    assert (whole.frames.int() - chunked.frames.int()).abs().max() <= 1

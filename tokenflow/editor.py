@@ -26,9 +26,9 @@ from tokenflow.inversion import (decode_latents, encode_frames, invert_into_stor
 from tokenflow.keyframes import make_groups
 from tokenflow.latent_store import LatentStore, frames_digest
 from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
-from tokenflow.planner import plan_chunk_frames
+from tokenflow.planner import offload_records, plan_chunk_frames
 from tokenflow.processors import install
-from tokenflow.state import StepState
+from tokenflow.state import KeyframeRecords, StepState
 
 log = logging.getLogger("tokenflow")
 
@@ -185,6 +185,8 @@ class TokenFlowEditor:
         embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
         self.state.backend = None if cfg.backend == "auto" else cfg.backend
         self.state.keyframe_window = cfg.keyframe_window
+        self.state.keyframe_chunk = chunk
+        self.state.records = KeyframeRecords(offload=offload_records(m, cfg, len(groups), *x.shape[2:]))
         with _timed(timings, "edit"):
             x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress)
         with _timed(timings, "decode"):

@@ -11,7 +11,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from tokenflow import ops
+from tokenflow import chunking, ops
 from tokenflow.layers import conv_injection_module, self_attention_layers
 from tokenflow.state import GROUP, KEYFRAME, StepState
 from tokenflow.windowed import windowed_extended_attention
@@ -88,3 +88,4 @@ def install(unet, state: StepState) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(conv_injection_module(unet))
     if registry.get_hook(CONV_HOOK) is None:
         registry.register_hook(ConvInjection(state), CONV_HOOK)
+    chunking.install(unet, state)

@@ -64,6 +64,7 @@ class StepState:
     conv_inject: bool = False
     backend: str | None = None
     keyframe_window: int | None = None  # opt-in windowed extended attention (tokenflow.windowed)
+    keyframe_chunk: int | None = None  # keyframes per chunk in the keyframe pass's per-row modules (tokenflow.chunking)
     # Group pass: keyframes [key_lo, key_hi) of the records, and per frame of the call the record-local
     # indices of its candidate keyframes ([F, 2], -1 = none) and their blend weights ([F, 2]).
     key_lo: int = 0
