@@ -72,3 +72,35 @@ def test_single_file_offline_needs_a_config_folder(tmp_path, monkeypatch):
         load_models(str(ckpt), **CPU)
     with pytest.raises(TokenFlowError, match="not a diffusers folder"):
         load_models(str(ckpt), model_config=str(tmp_path), **CPU)
+
+
+def test_depth_model_folder_with_its_estimator_computes_depth(tmp_path, clip):
+    """An SD2-depth folder ships a DPT estimator: mode 'depth' then needs no depth video."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from tokenflow.config import EditConfig
+    from tokenflow.editor import TokenFlowEditor
+
+    vae, tok, te, unet, sched = build_tiny_models("tiny-random-depth")
+    for sub, m in (("vae", vae), ("unet", unet), ("text_encoder", te), ("tokenizer", tok)):
+        m.save_pretrained(tmp_path / sub)
+    DDIMScheduler.from_config(sched).save_config(tmp_path / "scheduler")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        dpt = DPTForDepthEstimation(DPTConfig(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+            patch_size=8, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+            reassemble_factors=[4, 2, 1, 0.5]))
+    dpt.save_pretrained(tmp_path / "depth_estimator")
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(tmp_path / "feature_extractor")
+
+    cfg = EditConfig(prompt="a red car", model=str(tmp_path), mode="depth", batch_size=4, n_inversion_steps=4,
+                     n_timesteps=2, cache_dir=str(tmp_path / "cache"))
+    editor = TokenFlowEditor.from_config(cfg)
+    assert editor.models.is_depth and editor.models.depth_estimator is not None
+    from tokenflow.depth import depth_maps
+    d = depth_maps(editor.models, clip, None, chunk=4)
+    assert d.shape == (10, 1, 8, 8)
+    assert d.amin(dim=(1, 2, 3)).tolist() == pytest.approx([-1] * 10) and d.amax(dim=(1, 2, 3)).tolist() == pytest.approx([1] * 10)
+    out = editor.edit(clip, cfg, progress=False)
+    assert out.frames.shape == clip.shape
