@@ -124,3 +124,15 @@ def test_reference_mode_rounds_frames_down(tiny_editor, clip, tiny_cfg):
 def test_bad_input_is_a_clear_error(tiny_editor, tiny_cfg, frames, cfg_change, match):
     with pytest.raises(TokenFlowError, match=match):
         tiny_editor.edit(frames, tiny_cfg.replace(**cfg_change), progress=False)
+
+
+def test_sdedit_starts_at_the_intended_timestep():
+    from tokenflow.editing import start_index
+    from tokenflow.inversion import sampling_timesteps
+    from tokenflow.tiny import build_tiny_models
+
+    ts = sampling_timesteps(build_tiny_models()[4], 50)
+    assert ts[0] == 981 and ts[-1] == 1
+    i = start_index(50, "sdedit", 0.9, ts, 1000)
+    assert ts[i] == 881 and len(ts) - i == 45
+    assert start_index(50, "pnp", 0.9, ts, 1000) == 0
