@@ -42,6 +42,7 @@ class Inversion:
     timesteps: list[int]  # kept timesteps, ascending
     reused: bool  # every chunk was already in the store
     chunks_inverted: int
+    depth: torch.Tensor | None = None  # [N, 1, h, w] depth maps the inversion used (depth models)
     reconstruction_psnr: float | None = None
 
     @property
@@ -127,7 +128,7 @@ class TokenFlowEditor:
         reused = store.complete
         with _timed(timings, "invert"):
             n = 0 if reused else invert_into_store(m, store, x0, emb, cfg.n_inversion_steps, keep, d, progress)
-        inv = Inversion(store, x0, keep, reused, n)
+        inv = Inversion(store, x0, keep, reused, n, depth=d)
         if cfg.reconstruct:
             with _timed(timings, "reconstruct"):
                 inv.reconstruction_psnr = self._reconstruction_psnr(frames, inv, emb, cfg, d, chunk, progress)
@@ -164,7 +165,7 @@ class TokenFlowEditor:
         if inversion is None:
             inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
         chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
-        d = self._depth(frames, cfg, depth, chunk)
+        d = inversion.depth if inversion.depth is not None else self._depth(frames, cfg, depth, chunk)
 
         timesteps = sampling_timesteps(m.scheduler_config, cfg.n_timesteps)
         sched = DDIMScheduler.from_config(m.scheduler_config)
