@@ -1,0 +1,165 @@
+"""Benchmark of `propagate` on the CPU: the `cpu` backend (csrc/propagate_cpu.cpp) against PyTorch.
+
+Shapes: the 32x32 level of SD 2.1 (spec section 9): a group of B = 8 frames, S = 1024 tokens, C = 640
+channels, two candidate keyframes per frame (the group's own and the previous group's), R = 3 branches,
+with the residual added. Timed, interleaved round by round so that a noisy machine slows all alike:
+  cpu             tokenflow.ops.propagate(..., backend="cpu")
+  reference       tokenflow.ops.reference.propagate (blocked PyTorch, the `torch` backend)
+  ref_pattern     the original TokenFlow implementation's pattern: normalised copies of queries and keys,
+                  the full [B*S, 2S] similarity matrix, index tensors repeated over channels for gather,
+                  blend weights repeated to full size
+  gemm_only       torch's float32 GEMM for the search alone (B*S x S x C, twice), no argmax, no gather
+  gemm_only_native  (bf16 only) the same GEMM in bfloat16, as torch would run it without upcasting
+Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
+speed-ups, agreement with the reference, machine and versions).
+
+    python bench/bench_propagate_cpu.py [--rounds 7] [--dtypes float32 bfloat16] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tokenflow.ops import cosine_argmax, propagate, reference
+
+B, S, C, R, J = 8, 1024, 640, 3, 2
+# Blend weights of the spec (section 5) for B = 8: w for the group's own keyframe, 1 - w for the previous.
+W_CUR = [0.622, 0.651, 0.679, 0.706, 0.731, 0.711, 0.697, 0.687]
+
+
+def make_inputs(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, C, generator=g).to(dtype)
+    key_feats = torch.randn(2, S, C, generator=g).to(dtype)  # keyframe 0: previous group's, 1: this group's
+    key_out = torch.randn(R, 2, S, C, generator=g).to(dtype)
+    residual = torch.randn(R, B, S, C, generator=g).to(dtype)
+    which = torch.tensor([[1, 0]] * B)
+    w = torch.tensor(W_CUR)
+    weights = torch.stack([w, 1 - w], dim=1)
+    return x, key_feats, key_out, which, weights, residual
+
+
+def ref_pattern(x, key_feats, key_out, which, weights, residual):
+    """The original implementation's way: normalised copies, full similarity matrix, repeated indices."""
+    dtype = key_out.dtype
+    xf = x.float().reshape(B * S, C)
+    xn = xf / xf.norm(dim=-1, keepdim=True)
+    kn = key_feats.float()
+    kn = kn / kn.norm(dim=-1, keepdim=True)
+    sim = xn @ torch.cat([kn[1], kn[0]], dim=0).T  # [B*S, 2S]
+    idx_cur = sim[:, :S].argmax(dim=-1).view(B, S)
+    idx_prev = sim[:, S:].argmax(dim=-1).view(B, S)
+    w = weights[:, 0].float().view(B, 1, 1).repeat(1, S, C)
+    out = torch.empty(R, B, S, C, dtype=dtype)
+    for r in range(R):
+        src_cur = key_out[r, 1].float().unsqueeze(0).expand(B, S, C)
+        src_prev = key_out[r, 0].float().unsqueeze(0).expand(B, S, C)
+        g_cur = torch.gather(src_cur, 1, idx_cur.unsqueeze(-1).repeat(1, 1, C))
+        g_prev = torch.gather(src_prev, 1, idx_prev.unsqueeze(-1).repeat(1, 1, C))
+        out[r] = (w * g_cur + (1 - w) * g_prev + residual[r].float()).to(dtype)
+    return out
+
+
+def gemm_only(x, key_feats, native=False):
+    dtype = x.dtype if native else torch.float32
+    xf = x.to(dtype).reshape(B * S, C)
+    return [xf @ key_feats[k].to(dtype).T for k in range(2)]
+
+
+def machine_info() -> dict:
+    model = platform.processor()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in f" {flags} "]
+    return {"cpu_model": model, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_isa_flags": isa, "platform": platform.platform()}
+
+
+def bench_dtype(dtype: torch.dtype, rounds: int) -> dict:
+    inputs = make_inputs(dtype)
+    x, key_feats = inputs[0], inputs[1]
+    methods = {
+        "cpu": lambda: propagate(*inputs, backend="cpu"),
+        "reference": lambda: reference.propagate(*inputs),
+        "ref_pattern": lambda: ref_pattern(*inputs),
+        "gemm_only": lambda: gemm_only(x, key_feats),
+    }
+    if dtype != torch.float32:
+        methods["gemm_only_native"] = lambda: gemm_only(x, key_feats, native=True)
+
+    # Agreement first (also the warm-up): the same indices as the reference on these random inputs,
+    # outputs equal up to float32 summation order and the output dtype's rounding.
+    out_cpu, out_ref = methods["cpu"](), methods["reference"]()
+    idx_cpu = cosine_argmax(x, key_feats, inputs[3], backend="cpu")
+    idx_ref = reference.cosine_argmax(x, key_feats, inputs[3])
+    agreement = {"index_mismatches": int((idx_cpu != idx_ref).sum()), "indices": idx_ref.numel(),
+                 "max_abs_diff_vs_reference": float((out_cpu.float() - out_ref.float()).abs().max())}
+    for fn in methods.values():
+        fn()
+
+    times = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    search_flop = 2.0 * B * J * S * S * C
+    res = {}
+    for name, ts in times.items():
+        res[name] = {"min_s": round(min(ts), 5), "median_s": round(statistics.median(ts), 5),
+                     "search_gflops_at_min": round(search_flop / min(ts) / 1e9, 1)}
+    cpu = res["cpu"]["min_s"]
+    speedups = {f"cpu_vs_{n}": round(res[n]["min_s"] / cpu, 2) for n in res if n != "cpu"}
+    return {"dtype": str(dtype).replace("torch.", ""), "methods": res, "speedup_min": speedups,
+            "agreement": agreement}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "propagate_cpu.json"))
+    args = ap.parse_args(argv)
+
+    from tokenflow import _C  # fails clearly if the extension is not built
+
+    results = [bench_dtype(getattr(torch, d), args.rounds) for d in args.dtypes]
+    report = {
+        "benchmark": "propagate_cpu",
+        "shape": {"B": B, "S": S, "C": C, "R": R, "J": J, "keyframes": 2, "residual": True},
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "tokenflow_C": _C.build_info()},
+        "timing": f"{args.rounds} interleaved rounds after one warm-up; min and median wall time",
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for r in results:
+        line = ", ".join(f"{n} {v['min_s'] * 1e3:.1f} ms" for n, v in r["methods"].items())
+        print(f"{r['dtype']}: {line}; speed-up {r['speedup_min']}; {r['agreement']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+// TokenFlow propagation on the CPU: cosine nearest neighbour in the chosen keyframes (a GEMM whose
+// epilogue is a running argmax) followed by the gather-blend of the keyframes' outputs. Contract in
+// propagate.h. The [F*S, S] similarity matrix never exists: each micro-tile of MR x NR similarities
+// lives in registers and is folded into a per-lane running (max, index) before the next tile.
+//
+// This file is compiled once per instruction set (CMakeLists.txt: TF_CPU_ISA = generic | avx2 | avx512,
+// each with its own -m flags) and propagate_cpu_dispatch.cpp picks the widest one the CPU supports at
+// run time, so a wheel built here runs on any x86-64 and still uses AVX-512 where it exists. The kernel
+// is written with GCC/Clang vector extensions: one source, vector width W chosen by the ISA.
+//
+// Layout of the search (BLIS-style packing, so the inner loop only streams two contiguous panels):
+//   Bp: every referenced keyframe, normalised (k / max(|k|, 1e-12), as the reference) and converted to
+//       float32, cut into panels of NR candidates stored channel-major: panel[c][0..NR).
+//   Ap: MC query rows of one frame, converted to float32, in micro-panels of MR rows: micro[c][0..MR).
+//   micro-kernel: for c in C: MR broadcasts x NV vector loads -> MR*NV FMAs into register accumulators.
+// The query is not normalised: its norm does not change an argmax over candidates.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "propagate_cpu.h"
+
+#ifndef TF_CPU_ISA
+#error "compile with -DTF_CPU_ISA=generic|avx2|avx512 (see CMakeLists.txt)"
+#endif
+#define TF_CAT2(a, b) a##b
+#define TF_CAT(a, b) TF_CAT2(a, b)
+#define TF_ENTRY TF_CAT(propagate_cpu_, TF_CPU_ISA)
+
+namespace tokenflow {
+namespace detail {
+namespace {  // internal linkage: every ISA's copy of these helpers stays separate
+
+// Vector width (floats) and register blocking per ISA. The micro-tile is MR rows x NR = NV*W candidates;
+// MR*NV accumulators + NV candidate vectors + 1 broadcast must fit the register file without spills:
+//   avx512: 32 zmm -> 8 x 32 (16 acc); Zen 4 / Ice Lake retire 1-2 zmm FMA per cycle with 4-cycle
+//           latency, so 16 independent accumulators cover the latency (measured: bench/bench_propagate_cpu.py).
+//   avx2:   16 ymm -> 6 x 16 (12 acc), the classic Haswell shape.
+//   generic (SSE2, or any other target): 4 x 8.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#ifndef TF_MR
+#define TF_MR 8
+#endif
+#ifndef TF_NV
+#define TF_NV 2
+#endif
+#elif defined(__AVX2__)
+constexpr int W = 8;
+#ifndef TF_MR
+#define TF_MR 6
+#endif
+#ifndef TF_NV
+#define TF_NV 2
+#endif
+#else
+constexpr int W = 4;
+#ifndef TF_MR
+#define TF_MR 4
+#endif
+#ifndef TF_NV
+#define TF_NV 2
+#endif
+#endif
+constexpr int MR = TF_MR;
+constexpr int NV = TF_NV;
+constexpr int NR = NV * W;
+// Query rows per work unit: Ap (MC x C floats, 240 KiB at C = 640) and one candidate panel (NR x C) stay
+// in L2 while the unit sweeps all panels; 16 units per 1024-row frame keep 2-16 threads busy.
+constexpr int MC = MR * 8;
+constexpr size_t kAlign = 64;
+
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+// ---------------------------------------------------------------------------------------------------
+// Element conversion. bf16 and fp16 rows are converted to float32 a row at a time (the loops vectorise).
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN (as c10::BFloat16)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// _Float16 (GCC >= 12, Clang >= 15 on x86-64/aarch64) converts with F16C where the ISA has it, else
+// through libgcc; exact either way.
+void load_row(const void* base, int dtype, int64_t offset, int64_t n, float* __restrict dst) {
+  switch (dtype) {
+    case kFloat32: {
+      std::memcpy(dst, static_cast<const float*>(base) + offset, size_t(n) * sizeof(float));
+      break;
+    }
+    case kBFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) dst[c] = bf16_to_f32(s[c]);
+      break;
+    }
+    default: {  // kFloat16 (codes are checked before any kernel runs)
+      const _Float16* s = static_cast<const _Float16*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) dst[c] = float(s[c]);
+      break;
+    }
+  }
+}
+
+void store_row(void* base, int dtype, int64_t offset, int64_t n, const float* __restrict src) {
+  switch (dtype) {
+    case kFloat32: {
+      std::memcpy(static_cast<float*>(base) + offset, src, size_t(n) * sizeof(float));
+      break;
+    }
+    case kBFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) d[c] = f32_to_bf16(src[c]);
+      break;
+    }
+    default: {
+      _Float16* d = static_cast<_Float16*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) d[c] = _Float16(src[c]);
+      break;
+    }
+  }
+}
+
+// acc[c] += w * row[c], row of any supported dtype (tmp is scratch for the converted row).
+void axpy_row(float w, const void* base, int dtype, int64_t offset, int64_t n, float* __restrict acc,
+              float* __restrict tmp) {
+  const float* src;
+  if (dtype == kFloat32) {
+    src = static_cast<const float*>(base) + offset;
+  } else {
+    load_row(base, dtype, offset, n, tmp);
+    src = tmp;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) acc[c] += w * src[c];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Aligned scratch (std::vector does not promise 64-byte alignment; the vector loads below need W*4).
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+std::unique_ptr<T[], FreeDeleter> aligned_buffer(size_t count) {
+  size_t bytes = (count * sizeof(T) + kAlign - 1) / kAlign * kAlign;
+  void* p = std::aligned_alloc(kAlign, bytes ? bytes : kAlign);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The micro-kernel: acc[i][v] = sum_c a[c][i] * b[c][v*W .. v*W+W), i < MR, v < NV.
+// Fully unrolled over i and v so the accumulators stay in registers (checked in the assembly: no spills).
+
+__attribute__((always_inline)) inline void micro_kernel(const float* __restrict a, const float* __restrict b,
+                                                        int64_t C, vf (&acc)[MR][NV]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
+  for (int64_t c = 0; c < C; ++c) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vf*>(b + c * NR + v * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const vf av = vf{} + a[c * MR + i];  // broadcast (folds into the FMA's memory operand)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+}
+
+// Fold a micro-tile into the per-lane running best. Lane l of row i holds the best over candidates
+// t = p*NR + l seen so far; strict '>' keeps the earlier (lower) t on ties, as torch.argmax does.
+__attribute__((always_inline)) inline void fold_tile(const vf (&acc)[MR][NV], float* __restrict bestv,
+                                                     int32_t* __restrict besti, int32_t base, int valid) {
+  vi lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  const vf neg_inf = vf{} - std::numeric_limits<float>::infinity();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      vf s = acc[i][v];
+      const vi col = lane + v * W;
+      if (valid < NR) s = (col < valid) ? s : neg_inf;  // padded candidates of the last panel
+      vf* bv = reinterpret_cast<vf*>(bestv + i * NR + v * W);
+      vi* bi = reinterpret_cast<vi*>(besti + i * NR + v * W);
+      const vi better = s > *bv;
+      *bv = better ? s : *bv;
+      *bi = better ? col + base : *bi;
+    }
+  }
+}
+
+// Reduce one row's NR lanes: the largest value, and among equal values the lowest candidate index.
+inline int64_t reduce_row(const float* bestv, const int32_t* besti) {
+  float bv = bestv[0];
+  int32_t bi = besti[0];
+  for (int l = 1; l < NR; ++l) {
+    if (bestv[l] > bv || (bestv[l] == bv && besti[l] < bi)) {
+      bv = bestv[l];
+      bi = besti[l];
+    }
+  }
+  return bi;
+}
+
+// out[r, f, s] = residual[r, f, s] + sum_j w[f, j] * key_out[r, which[f, j], idx[f, j, s]] for the rows
+// s in [r0, r0 + rows) of frame f and every branch r, accumulated in float32. Memory-bound: every output
+// row is written exactly once.
+void gather_blend(const PropagateArgs& a, const int64_t* idx, int64_t f, int64_t r0, int64_t rows,
+                  float* __restrict acc, float* __restrict tmp) {
+  const int64_t F = a.F, J = a.J, K = a.K, S = a.S, C = a.C;
+  for (int64_t r = 0; r < a.R; ++r) {
+    for (int64_t s = r0; s < r0 + rows; ++s) {
+      const int64_t o = ((r * F + f) * S + s) * C;
+      if (a.residual)
+        load_row(a.residual, a.res_dtype, o, C, acc);
+      else
+        std::fill(acc, acc + C, 0.f);
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t kf = a.which[f * J + j];
+        if (kf < 0) continue;
+        const int64_t t = idx[(f * J + j) * S + s];
+        axpy_row(a.weights[f * J + j], a.key_out, a.out_dtype, ((r * K + kf) * S + t) * C, C, acc, tmp);
+      }
+      store_row(a.out, a.out_dtype, o, C, acc);
+    }
+  }
+}
+
+int resolve_threads(int requested) {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+}  // namespace
+
+void TF_ENTRY(const PropagateArgs& a) {
+  const int64_t F = a.F, J = a.J, K = a.K, R = a.R, S = a.S, C = a.C;
+  const int nthreads = resolve_threads(a.num_threads);
+  (void)nthreads;  // unused without OpenMP
+
+  // Keyframes some frame searches, each packed once however many frames share it.
+  std::vector<int64_t> slot_of(size_t(K), -1), slot_kf;
+  for (int64_t i = 0; i < F * J; ++i) {
+    const int64_t kf = a.which[i];
+    if (kf >= 0 && slot_of[size_t(kf)] < 0) {
+      slot_of[size_t(kf)] = int64_t(slot_kf.size());
+      slot_kf.push_back(kf);
+    }
+  }
+  const int64_t NP = (S + NR - 1) / NR;  // candidate panels per keyframe
+  const int64_t n_slots = int64_t(slot_kf.size());
+  auto Bp = aligned_buffer<float>(size_t(std::max<int64_t>(n_slots, 1) * NP * C * NR));
+
+  // Indices: the caller's buffer, or our own when only `out` is wanted.
+  std::unique_ptr<int64_t[]> own_idx;
+  int64_t* idx = a.idx;
+  if (!idx) {
+    own_idx.reset(new int64_t[size_t(F * J * S)]);
+    idx = own_idx.get();
+  }
+  const int64_t feat_frame = S * C;
+
+  // -- pack the candidates: normalised float32 panels -------------------------------------------------
+#pragma omp parallel num_threads(nthreads)
+  {
+    auto row = aligned_buffer<float>(size_t(C));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t sp = 0; sp < n_slots * NP; ++sp) {
+      const int64_t q = sp / NP, p = sp % NP;
+      const int64_t kf = slot_kf[size_t(q)];
+      float* panel = Bp.get() + (q * NP + p) * C * NR;
+      for (int l = 0; l < NR; ++l) {
+        const int64_t t = p * NR + l;
+        if (t >= S) {
+          for (int64_t c = 0; c < C; ++c) panel[c * NR + l] = 0.f;
+          continue;
+        }
+        load_row(a.key_feats, a.feat_dtype, kf * feat_frame + t * C, C, row.get());
+        double ss = 0.0;
+        for (int64_t c = 0; c < C; ++c) ss += double(row[c]) * double(row[c]);
+        // As the reference: k / max(|k|, 1e-12) (F.normalize's eps), a division, not a reciprocal.
+        const float nrm = std::max(float(std::sqrt(ss)), 1e-12f);
+        for (int64_t c = 0; c < C; ++c) panel[c * NR + l] = row[c] / nrm;
+      }
+    }
+  }
+
+  // -- search: per (frame, block of MC rows), every candidate keyframe of that frame ------------------
+  const int64_t n_blocks = (S + MC - 1) / MC;
+#pragma omp parallel num_threads(nthreads)
+  {
+    auto Ap = aligned_buffer<float>(size_t(MC) * size_t(C));
+    auto row = aligned_buffer<float>(size_t(C));
+    auto bestv = aligned_buffer<float>(size_t(MC) * NR);
+    auto besti = aligned_buffer<int32_t>(size_t(MC) * NR);
+    auto row_acc = aligned_buffer<float>(size_t(C));  // gather-blend scratch
+    auto row_tmp = aligned_buffer<float>(size_t(C));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < F * n_blocks; ++unit) {
+      const int64_t f = unit / n_blocks;
+      const int64_t r0 = (unit % n_blocks) * MC;
+      const int64_t rows = std::min<int64_t>(MC, S - r0);
+      const int64_t n_micro = (rows + MR - 1) / MR;
+      bool packed = false;
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t kf = a.which[f * J + j];
+        int64_t* out_idx = idx + (f * J + j) * S + r0;
+        if (kf < 0) {
+          std::fill(out_idx, out_idx + rows, int64_t(0));
+          continue;
+        }
+        if (!packed) {  // once per unit, shared by its J keyframes
+          for (int64_t i = 0; i < n_micro * MR; ++i) {
+            float* dst = Ap.get() + (i / MR) * C * MR + (i % MR);
+            if (i < rows) {
+              load_row(a.x, a.feat_dtype, f * feat_frame + (r0 + i) * C, C, row.get());
+              for (int64_t c = 0; c < C; ++c) dst[c * MR] = row[c];
+            } else {
+              for (int64_t c = 0; c < C; ++c) dst[c * MR] = 0.f;  // padding rows, results dropped
+            }
+          }
+          packed = true;
+        }
+        std::fill(bestv.get(), bestv.get() + n_micro * MR * NR, -std::numeric_limits<float>::infinity());
+        std::fill(besti.get(), besti.get() + n_micro * MR * NR, int32_t(0));
+        const float* Bk = Bp.get() + slot_of[size_t(kf)] * NP * C * NR;
+        // Panel outer, micro-rows inner: one candidate panel (NR x C) is reused from L1/L2 by all the
+        // unit's micro-rows, and the unit's Ap stays in L2 across panels.
+        for (int64_t p = 0; p < NP; ++p) {
+          const float* b = Bk + p * C * NR;
+          const int valid = int(std::min<int64_t>(NR, S - p * NR));
+          for (int64_t m = 0; m < n_micro; ++m) {
+            vf acc[MR][NV];
+            micro_kernel(Ap.get() + m * C * MR, b, C, acc);
+            fold_tile(acc, bestv.get() + m * MR * NR, besti.get() + m * MR * NR, int32_t(p * NR), valid);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) out_idx[i] = reduce_row(bestv.get() + i * NR, besti.get() + i * NR);
+      }
+      // Gather-blend of this unit's rows right away: the memory-bound gather of one thread then overlaps
+      // the compute-bound search of the others, and the indices are still in cache.
+      if (a.out) gather_blend(a, idx, f, r0, rows, row_acc.get(), row_tmp.get());
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace tokenflow

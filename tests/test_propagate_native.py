@@ -1,0 +1,284 @@
+"""The `cpu` backend (csrc/propagate_cpu.cpp through tokenflow._C) against the PyTorch reference.
+
+Shapes are chosen to hit the kernel's edges: S not a multiple of the micro-tile (rows or candidates), a
+single keyframe, frames with which = -1, C of 32 / 40 / 320, all-negative similarities, J = 0. Float32
+indices must equal the reference's (near-ties within float32 rounding excepted, and counted); for
+bfloat16 / float16 the test compares the similarity each index reaches rather than the index.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenflow.ops import backends, cosine_argmax, propagate, reference
+
+pytestmark = pytest.mark.skipif(backends.why_unavailable("cpu") is not None,
+                                reason=f"cpu backend unavailable: {backends.why_unavailable('cpu')}")
+
+# (F, K, S, C, J, R)
+SHAPES = [
+    (3, 2, 37, 40, 2, 3),    # S below one micro-tile of candidates; C = 40 not a multiple of 16
+    (2, 1, 100, 32, 1, 1),   # one keyframe
+    (4, 3, 257, 320, 2, 3),  # S = 256 + 1: a one-candidate last panel, one-row last micro-row
+    (1, 1, 1, 32, 1, 2),     # S = 1
+    (5, 3, 130, 40, 3, 2),   # J = 3
+    (9, 2, 97, 320, 2, 3),   # more units than threads, ragged everything
+]
+
+
+def make(F, K, S, C, J, R, dtype, seed=0, none_rate=0.25):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(F, S, C, generator=g).to(dtype)
+    key_feats = torch.randn(K, S, C, generator=g).to(dtype)
+    key_out = torch.randn(R, K, S, C, generator=g).to(dtype)
+    residual = torch.randn(R, F, S, C, generator=g).to(dtype)
+    which = torch.randint(0, K, (F, J), generator=g)
+    which[torch.rand(F, J, generator=g) < none_rate] = -1
+    weights = torch.rand(F, J, generator=g)
+    return x, key_feats, key_out, which, weights, residual
+
+
+def similarity(x, key_feats, which, idx):
+    """cos(x[f, s], key_feats[which[f, j], idx[f, j, s]]) in float64, NaN where which is -1."""
+    F_, J = which.shape
+    xs = torch.nn.functional.normalize(x.double(), dim=-1)
+    ks = torch.nn.functional.normalize(key_feats.double(), dim=-1)
+    out = torch.full(idx.shape, float("nan"), dtype=torch.float64)
+    for f in range(F_):
+        for j in range(J):
+            kf = int(which[f, j])
+            if kf >= 0:
+                out[f, j] = (xs[f] * ks[kf][idx[f, j]]).sum(-1)
+    return out
+
+
+def blend(key_out, which, weights, residual, idx):
+    """The propagate formula with given indices, in float64: isolates the gather-blend from the search."""
+    R = key_out.shape[0]
+    F_, J = which.shape
+    acc = residual.double().clone() if residual is not None else torch.zeros(
+        R, F_, idx.shape[2], key_out.shape[3], dtype=torch.float64)
+    for f in range(F_):
+        for j in range(J):
+            kf = int(which[f, j])
+            if kf >= 0:
+                acc[:, f] += float(weights[f, j]) * key_out[:, kf, idx[f, j]].double()
+    return acc
+
+
+def assert_indices_match(x, key_feats, which, got, want, exact: bool):
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    none = (which < 0).unsqueeze(-1).expand_as(got)
+    assert (got[none] == 0).all(), "which = -1 must give index 0"
+    assert ((got >= 0) & (got < key_feats.shape[1])).all()
+    s_got = similarity(x, key_feats, which, got)
+    s_want = similarity(x, key_feats, which, want)
+    valid = ~none
+    # The similarity reached is never worse than the reference's beyond float32 rounding.
+    gap = (s_want - s_got)[valid]
+    tol = 1e-5 if exact else 2e-3
+    assert gap.max() <= tol, f"an index reaches {gap.max():.3g} less similarity than the reference's"
+    if exact:
+        # Indices differ only at near-ties (float32 summation order), and rarely.
+        differ = (got != want) & valid
+        assert differ.sum() <= max(1, valid.sum() // 500), f"{int(differ.sum())} of {int(valid.sum())} indices differ"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "F{}K{}S{}C{}J{}R{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cosine_argmax_matches_reference(shape, dtype):
+    x, key_feats, _, which, _, _ = make(*shape, dtype)
+    got = cosine_argmax(x, key_feats, which, backend="cpu")
+    want = reference.cosine_argmax(x, key_feats, which)
+    assert_indices_match(x, key_feats, which, got, want, exact=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "F{}K{}S{}C{}J{}R{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+def test_propagate_matches_reference(shape, dtype, with_residual):
+    x, key_feats, key_out, which, weights, residual = make(*shape, dtype, seed=1)
+    residual = residual if with_residual else None
+    got = propagate(x, key_feats, key_out, which, weights, residual, backend="cpu")
+    want = reference.propagate(x, key_feats, key_out, which, weights, residual)
+    assert got.dtype == key_out.dtype and got.shape == want.shape
+    idx = cosine_argmax(x, key_feats, which, backend="cpu")
+    # The blend of the kernel's own indices, computed in float64, then rounded to the output dtype.
+    expect = blend(key_out, which, weights, residual, idx)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), expect.to(dtype).double(), atol=atol, rtol=atol)
+    if dtype == torch.float32:
+        agree = (idx == reference.cosine_argmax(x, key_feats, which)).all(dim=(1, 2))
+        # Frames whose indices all agree give the reference's output to float32 rounding.
+        torch.testing.assert_close(got[:, agree], want[:, agree], atol=1e-5, rtol=1e-5)
+
+
+def test_all_negative_similarities():
+    # Every similarity is negative: padded (zero) candidates of the last panel must never win.
+    F_, K, S, C = 3, 2, 45, 40
+    g = torch.Generator().manual_seed(3)
+    key_feats = torch.rand(K, S, C, generator=g) + 0.1
+    x = -(torch.rand(F_, S, C, generator=g) + 0.1)
+    which = torch.tensor([[0, 1], [1, -1], [1, 0]])
+    got = cosine_argmax(x, key_feats, which, backend="cpu")
+    want = reference.cosine_argmax(x, key_feats, which)
+    assert_indices_match(x, key_feats, which, got, want, exact=True)
+    assert (similarity(x, key_feats, which, got)[which >= 0] < 0).all()
+
+
+def test_ties_go_to_the_lowest_index():
+    # Duplicate candidates: torch.argmax returns the first, so must the kernel, across panels and lanes.
+    S, C = 70, 32
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(5, C, generator=g)
+    key_feats = base[torch.arange(S) % 5].unsqueeze(0)  # candidate t equals candidate t % 5
+    x = torch.randn(2, S, C, generator=g)
+    which = torch.tensor([[0], [0]])
+    got = cosine_argmax(x, key_feats, which, backend="cpu")
+    want = reference.cosine_argmax(x, key_feats, which)
+    assert (want < 5).all()
+    assert torch.equal(got, want)
+
+
+def test_frames_without_keyframes_get_the_residual():
+    x, key_feats, key_out, which, weights, residual = make(3, 2, 40, 32, 2, 2, torch.float32)
+    which[1] = -1
+    out = propagate(x, key_feats, key_out, which, weights, residual, backend="cpu")
+    torch.testing.assert_close(out[:, 1], residual[:, 1], atol=0, rtol=0)
+    out0 = propagate(x, key_feats, key_out, which, weights, None, backend="cpu")
+    assert (out0[:, 1] == 0).all()
+
+
+def test_no_candidates_at_all():
+    # J = 0: out is the residual; no keyframe is read.
+    x, key_feats, key_out, _, _, residual = make(2, 1, 33, 32, 1, 2, torch.float32)
+    which = torch.empty(2, 0, dtype=torch.long)
+    weights = torch.empty(2, 0)
+    out = propagate(x, key_feats, key_out, which, weights, residual, backend="cpu")
+    torch.testing.assert_close(out, residual, atol=0, rtol=0)
+    assert cosine_argmax(x, key_feats, which, backend="cpu").shape == (2, 0, 33)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_output_element_is_written(dtype):
+    # Output and index buffers poisoned with NaN / -7 before the kernel: none may survive.
+    from tokenflow import _C
+    from tokenflow.ops.backend_cpu import DTYPE_CODES
+
+    F_, K, S, C, J, R = 4, 2, 77, 40, 2, 3
+    x, key_feats, key_out, which, weights, residual = make(F_, K, S, C, J, R, dtype, seed=5)
+    which[0, 1] = -1
+    out = torch.full((R, F_, S, C), float("nan"), dtype=dtype)
+    idx = torch.full((F_, J, S), -7, dtype=torch.int64)
+    w32 = weights.float().contiguous()
+    _C.propagate_cpu(x.data_ptr(), key_feats.data_ptr(), key_out.data_ptr(), which.data_ptr(), w32.data_ptr(),
+                     residual.data_ptr(), out.data_ptr(), idx.data_ptr(), F_, J, K, R, S, C,
+                     DTYPE_CODES[dtype], DTYPE_CODES[dtype], DTYPE_CODES[dtype], 2)
+    assert not out.isnan().any()
+    assert (idx >= 0).all()
+    torch.testing.assert_close(out.double(), blend(key_out, which, weights, residual, idx).to(dtype).double(),
+                               atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+def test_mixed_dtypes_and_threads():
+    # bf16 features with float32 outputs and a float16 residual; thread count does not change the result.
+    x, key_feats, key_out, which, weights, residual = make(3, 2, 50, 40, 2, 2, torch.bfloat16, seed=6)
+    key_out = key_out.float()
+    residual = residual.half()
+    got = propagate(x, key_feats, key_out, which, weights, residual, backend="cpu")
+    assert got.dtype == torch.float32
+    idx = cosine_argmax(x, key_feats, which, backend="cpu")
+    torch.testing.assert_close(got.double(), blend(key_out, which, weights, residual, idx), atol=1e-5, rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = propagate(x, key_feats, key_out, which, weights, residual, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, got)
+
+
+def test_non_contiguous_inputs_are_handled():
+    x, key_feats, key_out, which, weights, residual = make(3, 2, 41, 32, 2, 2, torch.float32, seed=7)
+    want = propagate(x, key_feats, key_out, which, weights, residual, backend="cpu")
+    # The same values behind strided views: transposed storage, and a slice of a wider tensor.
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    ko = torch.cat([key_out, key_out], dim=-1)[..., :32]
+    wt = weights.t().contiguous().t()
+    assert not (xt.is_contiguous() or ko.is_contiguous() or wt.is_contiguous())
+    got = propagate(xt, key_feats, ko, which, wt, residual, backend="cpu")
+    assert torch.equal(got, want)
+
+
+class _NoKernel:
+    """Stands in for tokenflow._C: any kernel call fails the test (validation must come first)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the kernel ({name}) ran before validation rejected the inputs")
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    import tokenflow.ops.backend_cpu as backend_cpu
+
+    monkeypatch.setattr(backend_cpu, "_C", _NoKernel())
+    return backend_cpu
+
+
+def test_validation_runs_before_the_kernel(no_kernel):
+    x, key_feats, key_out, which, weights, residual = make(2, 2, 20, 32, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        propagate(x.to(torch.int32), key_feats, key_out, which, weights, residual, backend="cpu")
+    with pytest.raises(ValueError, match="differ"):
+        propagate(x[:, :10], key_feats, key_out, which, weights, residual, backend="cpu")
+    with pytest.raises(ValueError, match="key_out"):
+        propagate(x, key_feats, key_out[:, :1], which, weights, residual, backend="cpu")
+    with pytest.raises(ValueError, match="residual"):
+        propagate(x, key_feats, key_out, which, weights, residual[:, :1], backend="cpu")
+    with pytest.raises(ValueError, match="which"):
+        propagate(x, key_feats, key_out, which + 5, weights, residual, backend="cpu")
+    with pytest.raises(ValueError, match="weights"):
+        propagate(x, key_feats, key_out, which, weights[:, :1], residual, backend="cpu")
+    # Device: the backend itself refuses non-CPU tensors (meta tensors stand in for a GPU here).
+    backend = backends.get("cpu")
+    meta = {k: v.to("meta") for k, v in dict(x=x, key_feats=key_feats, key_out=key_out, which=which,
+                                             weights=weights, residual=residual).items()}
+    assert "meta" in backend.why_not("propagate", **meta)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        backend.propagate(**meta)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        backend.cosine_argmax(meta["x"], meta["key_feats"], meta["which"])
+
+
+def test_raw_binding_checks_its_arguments():
+    # The pointer-level entry point guards itself against callers other than backend_cpu.py.
+    from tokenflow import _C
+
+    x, key_feats, key_out, which, weights, residual = make(2, 2, 20, 32, 2, 1, torch.float32)
+    idx = torch.empty(2, 2, 20, dtype=torch.int64)
+    args = dict(x=x.data_ptr(), key_feats=key_feats.data_ptr(), key_out=0, which=which.data_ptr(), weights=0,
+                residual=0, out=0, idx=idx.data_ptr(), F=2, J=2, K=2, R=0, S=20, C=32, feat_dtype=0, out_dtype=0,
+                res_dtype=0, num_threads=1)
+    _C.propagate_cpu(**args)  # well-formed: runs
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.propagate_cpu(**{**args, "feat_dtype": 9})
+    with pytest.raises(ValueError, match="outside"):
+        _C.propagate_cpu(**{**args, "K": 1})  # which holds keyframe 1
+    with pytest.raises(ValueError, match="non-null"):
+        _C.propagate_cpu(**{**args, "x": 0})
+    with pytest.raises(ValueError, match="nothing to compute"):
+        _C.propagate_cpu(**{**args, "idx": 0})
+    with pytest.raises(ValueError, match="S, C >= 1"):
+        _C.propagate_cpu(**{**args, "C": 0})
+    with pytest.raises(ValueError, match="non-null"):
+        _C.propagate_cpu(**{**args, "out": residual.data_ptr(), "R": 1})  # out without key_out / weights
+
+
+def test_cpu_backend_accepts_cpu_tensors():
+    # `explain` is what `auto` consults: the cpu backend must accept every float dtype on CPU tensors.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, key_feats, key_out, which, weights, residual = make(2, 2, 20, 32, 2, 1, dtype)
+        reasons = backends.explain("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which,
+                                   weights=weights, residual=residual)
+        assert reasons["cpu"] is None, reasons
+        assert "cuda" in reasons["cuda"] or "CUDA" in reasons["cuda"]

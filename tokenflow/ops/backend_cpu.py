@@ -1,0 +1,88 @@
+"""The `cpu` backend: the C++ kernel of tokenflow._C (csrc/propagate_cpu.cpp), OpenMP over torch's threads.
+
+Runs `propagate` and `cosine_argmax` on CPU tensors with float32, bfloat16 or float16 features (x,
+key_feats) and any of those for key_out / residual. The search is a packed GEMM whose epilogue is a
+running argmax (never the [F*S, S] similarity matrix), computed in float32 like the reference; the
+gather-blend accumulates in float32. The glue here validates, makes inputs contiguous (a copy, only
+when they are not), allocates the outputs and hands raw pointers to the kernel.
+Import fails (and the registry says why) when the extension was not built.
+"""
+from __future__ import annotations
+
+import torch
+
+from tokenflow.ops.backends import register
+
+try:
+    from tokenflow import _C
+except ImportError as e:  # the registry records this message as the reason the backend is unavailable
+    raise ImportError(
+        f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
+        "`pip install -v -e .` to see why (docs/build.md)") from e
+
+# Element type codes of csrc/propagate.h (enum DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    # The kernel indexes raw row-major memory; a strided view (a slice, a transpose) is copied once here.
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class CpuBackend:
+    name = "cpu"
+    ops = ("propagate", "cosine_argmax")
+
+    def why_not(self, op, **inputs):
+        if op not in self.ops:
+            return f"does not implement {op}"
+        for name, t in inputs.items():
+            if isinstance(t, torch.Tensor):
+                if t.device.type != "cpu":
+                    return f"{name} is on {t.device}; the cpu backend takes CPU tensors"
+                if name in ("which",):
+                    continue
+                if t.dtype not in DTYPE_CODES:
+                    return f"{name} has dtype {t.dtype}; the cpu backend takes float32, float16 or bfloat16"
+        x = inputs.get("x")
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] >= 2**31:
+            return f"S = {x.shape[1]} tokens is beyond the kernel's int32 candidate index"
+        return None
+
+    def _require(self, op, **inputs):
+        reason = self.why_not(op, **inputs)
+        if reason:
+            raise ValueError(f"tokenflow.ops.{op} (cpu backend): {reason}")
+
+    def cosine_argmax(self, x, key_feats, which):
+        self._require("cosine_argmax", x=x, key_feats=key_feats, which=which)
+        F_, S, C = x.shape
+        x, key_feats = _dense(x), _dense(key_feats)
+        which64 = _dense(which.to(torch.int64))
+        idx = torch.empty(F_, which.shape[1], S, dtype=torch.int64)
+        _C.propagate_cpu(
+            x.data_ptr(), key_feats.data_ptr(), 0, which64.data_ptr(), 0, 0, 0, idx.data_ptr(),
+            F_, which.shape[1], key_feats.shape[0], 0, S, C,
+            DTYPE_CODES[x.dtype], 0, 0, torch.get_num_threads())
+        return idx
+
+    def propagate(self, x, key_feats, key_out, which, weights, residual=None):
+        self._require("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which, weights=weights,
+                      residual=residual)
+        R, K = key_out.shape[:2]
+        F_, S, C = x.shape
+        x, key_feats, key_out = _dense(x), _dense(key_feats), _dense(key_out)
+        which64 = _dense(which.to(torch.int64))
+        w32 = _dense(weights.to(torch.float32))
+        res = _dense(residual) if residual is not None else None
+        out = torch.empty(R, F_, S, C, dtype=key_out.dtype)
+        _C.propagate_cpu(
+            x.data_ptr(), key_feats.data_ptr(), key_out.data_ptr(), which64.data_ptr(), w32.data_ptr(),
+            res.data_ptr() if res is not None else 0, out.data_ptr(), 0,
+            F_, which.shape[1], K, R, S, C,
+            DTYPE_CODES[x.dtype], DTYPE_CODES[key_out.dtype], DTYPE_CODES[res.dtype] if res is not None else 0,
+            torch.get_num_threads())
+        return out
+
+
+register(CpuBackend())
