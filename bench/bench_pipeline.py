@@ -4,7 +4,8 @@ Builds SD 2.1-base's UNet, VAE and text encoder from their configs with random w
 depend on the weights), inverts a procedurally textured video (never zeros), then edits it, and reports
 per stage: seconds, peak GPU memory, analytic TFLOP (tokenflow.costmodel) and model FLOP utilisation
 against the measured bf16 matmul peak. `--baseline` adds the reference's compute pattern (bench/baseline.py:
-per-head loops, repeated K/V, materialised similarities; fp16; one group per UNet call) at the same settings.
+per-head loops, repeated K/V, materialised similarities; one group per UNet call; kept latents reloaded from disk
+before every UNet call) at the same settings and dtype.
 
     python bench/bench_pipeline.py --frames 40 120 --inversion-steps 50 --baseline \
         --json bench/results/pipeline_h100.json --markdown bench/results/pipeline_h100.md
@@ -61,9 +62,21 @@ def bf16_peak_tflops(device) -> float | None:
     return 20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def reload_latents_per_call(editor, inv):
+    """The reference reloads the kept latents of the whole clip from disk before every UNet call."""
+    from safetensors.torch import load_file
+
+    def hook(module, args):
+        if editor.state.kind != "off":
+            for a, b in inv.store.chunks(len(inv.x0)):
+                load_file(str(inv.store.chunk_path(a, b)))[f"t{editor.state.t}"].to(editor.models.device)
+    return editor.models.unet.register_forward_pre_hook(hook)
+
+
 def run(editor, frames, cfg, peak_tflops, scale) -> list[dict]:
     dev = editor.models.device
     rows = []
+    baseline_pattern = cfg.backend == "baseline"
 
     def stage(name, fn, flops):
         if dev.type == "cuda":
@@ -83,8 +96,13 @@ def run(editor, frames, cfg, peak_tflops, scale) -> list[dict]:
     N = len(frames)
     inv = stage(f"invert_{cfg.n_inversion_steps}", lambda: editor.invert(frames, cfg, progress=False),
                 costmodel.inversion_flops(N, cfg.n_inversion_steps, scale))
-    stage(f"edit_{cfg.n_timesteps}", lambda: editor.edit(frames, cfg, progress=False, inversion=inv),
-          costmodel.edit_flops(N, cfg.n_timesteps, cfg.batch_size, scale))
+    hook = reload_latents_per_call(editor, inv) if baseline_pattern else None
+    try:
+        stage(f"edit_{cfg.n_timesteps}", lambda: editor.edit(frames, cfg, progress=False, inversion=inv),
+              costmodel.edit_flops(N, cfg.n_timesteps, cfg.batch_size, scale))
+    finally:
+        if hook is not None:
+            hook.remove()
     return rows
 
 
