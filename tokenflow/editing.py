@@ -124,7 +124,7 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
             which = which_all[idx]
             state.key_lo, state.key_hi = lo, hi
             state.which = torch.where(which >= 0, which - lo, which).to(dev)
-            state.weights = weights_all[idx]
+            state.weights = weights_all[idx].to(dev)
             guided = unet(src, x, t, idx)
             x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.cpu()
 

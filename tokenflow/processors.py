@@ -60,7 +60,7 @@ class TokenFlowSelfAttention:
         n, S, C = h.shape
         F = n // 3
         feats, outs = st.records.window(self.layer, st.key_lo, st.key_hi, h.device)
-        out = ops.propagate(h[:F], feats, outs, st.which, st.weights.to(h.device), backend=st.backend)
+        out = ops.propagate(h[:F], feats, outs, st.which, st.weights, backend=st.backend)
         return out.view(n, S, C)
 
 

@@ -25,22 +25,26 @@ class KeyframeRecords:
         self.offload = offload
         self._feats: dict[str, torch.Tensor] = {}
         self._out: dict[str, torch.Tensor] = {}
+        self._pinned: dict[tuple[str, str], torch.Tensor] = {}  # reused every step: pinning is slow
 
     def clear(self) -> None:
         self._feats.clear()
         self._out.clear()
 
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+    def _keep(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
         if not self.offload or t.device.type == "cpu":
             return t.contiguous()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host = self._pinned.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        # Same stream as the kernels that later read the records back, so the copy is ordered before them.
         return host.copy_(t, non_blocking=True)
 
     def put_feats(self, layer: str, feats: torch.Tensor) -> None:
-        self._feats[layer] = self._keep(feats)
+        self._feats[layer] = self._keep((layer, "feats"), feats)
 
     def put_out(self, layer: str, out: torch.Tensor) -> None:
-        self._out[layer] = self._keep(out)
+        self._out[layer] = self._keep((layer, "out"), out)
 
     def window(self, layer: str, lo: int, hi: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(feats[lo:hi], out[:, lo:hi]) on `device`."""
