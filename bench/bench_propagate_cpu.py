@@ -3,7 +3,8 @@
 Shapes: the 32x32 level of SD 2.1 (spec section 9): a group of B = 8 frames, S = 1024 tokens, C = 640
 channels, two candidate keyframes per frame (the group's own and the previous group's), R = 3 branches,
 with the residual added. Timed, interleaved round by round so that a noisy machine slows all alike:
-  cpu             tokenflow.ops.propagate(..., backend="cpu")
+  cpu             tokenflow.ops.propagate(..., backend="cpu") (bf16: the vdpbf16ps search where the CPU has
+                  AVX512-BF16, see build_info()["cpu_isa"] in the results)
   reference       tokenflow.ops.reference.propagate (blocked PyTorch, the `torch` backend)
   ref_pattern     the original TokenFlow implementation's pattern: normalised copies of queries and keys,
                   the full [B*S, 2S] similarity matrix, index tensors repeated over channels for gather,

@@ -10,7 +10,8 @@ namespace tokenflow {
 // kernel for the widest instruction set this CPU supports. `out == nullptr` computes idx only.
 void propagate_cpu(const PropagateArgs& args);
 
-// Name of the instruction-set variant propagate_cpu runs on this CPU ("avx512", "avx2" or "generic"),
+// Name of the instruction-set variant propagate_cpu runs on this CPU ("avx512bf16", "avx512", "avx2" or
+// "generic"),
 // and the variants compiled into this build.
 const char* cpu_isa();
 const char* cpu_isas_built();
@@ -20,6 +21,7 @@ namespace detail {
 void propagate_cpu_generic(const PropagateArgs& args);
 void propagate_cpu_avx2(const PropagateArgs& args);
 void propagate_cpu_avx512(const PropagateArgs& args);
+void propagate_cpu_avx512bf16(const PropagateArgs& args);  // avx512 + vdpbf16ps search for bf16 features
 }  // namespace detail
 
 }  // namespace tokenflow

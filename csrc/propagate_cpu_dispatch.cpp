@@ -1,6 +1,6 @@
 // Argument checks and run-time choice of the instruction-set variant of the CPU kernel (the variants
 // are propagate_cpu.cpp compiled with different -m flags; which ones exist is decided in CMakeLists.txt
-// and passed here as TF_HAVE_AVX2 / TF_HAVE_AVX512).
+// and passed here as TF_HAVE_AVX2 / TF_HAVE_AVX512 / TF_HAVE_AVX512BF16).
 
 #include <stdexcept>
 #include <string>
@@ -19,6 +19,13 @@ struct Variant {
 
 Variant pick() {
 #if defined(__x86_64__) || defined(__i386__)
+#if defined(TF_HAVE_AVX512BF16)
+  // The avx512 variant plus the vdpbf16ps search for bf16 features (it differs only there).
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512bf16"))
+    return {detail::propagate_cpu_avx512bf16, "avx512bf16"};
+#endif
 #if defined(TF_HAVE_AVX512)
   // avx512bw/vl/dq are what the avx512 variant is compiled with (CMakeLists.txt), f16c for its fp16 rows.
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -54,6 +61,9 @@ const char* cpu_isas_built() {
 #endif
 #if defined(TF_HAVE_AVX512)
          ",avx512"
+#endif
+#if defined(TF_HAVE_AVX512BF16)
+         ",avx512bf16"
 #endif
       ;
 }

@@ -1,7 +1,7 @@
 """The `cpu` backend (csrc/propagate_cpu.cpp through tokenflow._C) against the PyTorch reference.
 
 Shapes are chosen to hit the kernel's edges: S not a multiple of the micro-tile (rows or candidates), a
-single keyframe, frames with which = -1, C of 32 / 40 / 320, all-negative similarities, J = 0. Float32
+single keyframe, frames with which = -1, C of 32 / 33 / 40 / 320, all-negative similarities, J = 0. Float32
 indices must equal the reference's (near-ties within float32 rounding excepted, and counted); for
 bfloat16 / float16 the test compares the similarity each index reaches rather than the index.
 """
@@ -23,6 +23,7 @@ SHAPES = [
     (1, 1, 1, 32, 1, 2),     # S = 1
     (5, 3, 130, 40, 3, 2),   # J = 3
     (9, 2, 97, 320, 2, 3),   # more units than threads, ragged everything
+    (3, 2, 150, 33, 2, 2),   # odd C: the bf16 dot-product path pads the last channel pair
 ]
 
 
@@ -282,3 +283,51 @@ def test_cpu_backend_accepts_cpu_tensors():
                                    weights=weights, residual=residual)
         assert reasons["cpu"] is None, reasons
         assert "cuda" in reasons["cuda"] or "CUDA" in reasons["cuda"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_widest_isa_is_dispatched():
+    # The avx512bf16 variant (vdpbf16ps search for bf16 features) runs exactly where the CPU has it.
+    from tokenflow import _C
+
+    info = _C.build_info()
+    flags = _cpu_flags()
+    if "avx512bf16" in info["cpu_isas_built"].split(",") and {"avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                                              "avx512_bf16"} <= flags:
+        assert info["cpu_isa"] == "avx512bf16"
+    elif info["cpu_isa"] == "avx512bf16":
+        pytest.fail(f"avx512bf16 variant chosen on a CPU without avx512_bf16: {sorted(flags)}")
+
+
+@pytest.mark.parametrize("C", [1, 2, 31, 64, 641])
+def test_bf16_search_channel_counts(C):
+    # bf16 pairs of channels: every C parity, a single channel, more channels than one cache line.
+    F_, K, S = 2, 2, 70
+    x, key_feats, _, which, _, _ = make(F_, K, S, C, 2, 1, torch.bfloat16, seed=C, none_rate=0.0)
+    got = cosine_argmax(x, key_feats, which, backend="cpu")
+    want = reference.cosine_argmax(x, key_feats, which)
+    # Compare against the same search in float32 on the bf16 values (the products are exact in float32).
+    want32 = cosine_argmax(x.float(), key_feats.float(), which, backend="cpu")
+    assert_indices_match(x, key_feats, which, got, want, exact=False)
+    assert_indices_match(x.float(), key_feats.float(), which, got, want32, exact=True)
+
+
+def test_bf16_ties_go_to_the_lowest_index():
+    S, C = 70, 32
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(5, C, generator=g)
+    key_feats = base[torch.arange(S) % 5].unsqueeze(0).bfloat16()
+    x = torch.randn(2, S, C, generator=g).bfloat16()
+    which = torch.tensor([[0], [0]])
+    got = cosine_argmax(x, key_feats, which, backend="cpu")
+    assert (got < 5).all()
+    assert torch.equal(got, cosine_argmax(x.float(), key_feats.float(), which, backend="cpu"))

@@ -2,8 +2,9 @@
 
 Runs `propagate` and `cosine_argmax` on CPU tensors with float32, bfloat16 or float16 features (x,
 key_feats) and any of those for key_out / residual. The search is a packed GEMM whose epilogue is a
-running argmax (never the [F*S, S] similarity matrix), computed in float32 like the reference; the
-gather-blend accumulates in float32. The glue here validates, makes inputs contiguous (a copy, only
+running argmax (never the [F*S, S] similarity matrix), accumulated in float32 like the reference (bf16
+features on CPUs with AVX512-BF16 multiply in bf16 with vdpbf16ps: the products are exact in float32, about
+2x faster); the gather-blend accumulates in float32. The glue here validates, makes inputs contiguous (a copy, only
 when they are not), allocates the outputs and hands raw pointers to the kernel.
 Import fails (and the registry says why) when the extension was not built.
 """
