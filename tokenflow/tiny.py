@@ -8,6 +8,8 @@ downloaded.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -34,15 +36,22 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @lru_cache(maxsize=1)
 def tokenizer_dir() -> str:
-    """Write a byte-level CLIP vocabulary (no merges) and return its folder."""
-    d = Path(tempfile.mkdtemp(prefix="tokenflow-tiny-tokenizer-"))
+    """Write a byte-level CLIP vocabulary (no merges) once per machine and return its folder."""
+    d = Path(tempfile.gettempdir()) / "tokenflow-tiny-tokenizer-v1"
+    if (d / "merges.txt").exists():
+        return str(d)
     chars = list(_bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
+    tmp = Path(tempfile.mkdtemp(prefix="tokenflow-tiny-tokenizer-"))
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    try:
+        os.rename(tmp, d)  # atomic: concurrent processes either win or find it complete
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(d)
 
 
