@@ -143,3 +143,5 @@ def propagate(x: torch.Tensor, key_feats: torch.Tensor, key_out: torch.Tensor, w
     b = backends.choose("propagate", backend, x=x, key_feats=key_feats, key_out=key_out, which=which,
                         weights=weights, residual=residual)
     return b.propagate(x, key_feats, key_out, which, weights, residual)
+
+from tokenflow.ops import library as _library  # noqa: E402,F401  (registers torch.ops.tokenflow.*)

@@ -1,0 +1,176 @@
+"""Micro-benchmark of `tokenflow.ops.propagate`: every backend against PyTorch, per UNet level.
+
+Case: one denoising step's propagation at one self-attention layer, all groups in one call: N = K * B
+frames (B = 8; K = 5 and 15, SD 2.1-base 512 x 512 levels of tokenflow.costmodel.SD21_LEVELS), R = 3
+branches, residual added; frame f of group g searches keyframe g and, for g > 0, keyframe g - 1.
+FLOP: the search, 2 * (2N - B) * S^2 * C (tokenflow.costmodel.propagate_flops).
+Methods: every loaded backend that accepts the inputs (triton, cuda, cpu, faiss, torch = the reference),
+`ref_pattern` (the original implementation's pattern: normalised copies, the full [B*S, 2S] similarity
+matrix per group, gather with repeated indices), and `gemm_only` (torch.matmul of the search alone in the
+feature dtype: no argmax, no gather; the tensor-core bound the fused kernels are measured against).
+
+    python bench/bench_propagate.py [--json out.json] [--quick] [--dtype float16] [--reps 10]
+    pytest bench/bench_propagate.py --benchmark-only      (pytest-benchmark; --quick shapes on CPU)
+
+--quick (the default without CUDA) runs tiny shapes so a CPU smoke run finishes in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Report, matmul_peak_tflops, measure  # noqa: E402
+
+from tokenflow import costmodel  # noqa: E402
+from tokenflow.ops import backends, propagate, reference  # noqa: E402
+
+B, R = 8, 3
+QUICK_LEVELS = [(64, 320), (16, 640)]  # S, C: CPU smoke shapes
+
+
+def blend_weights(N: int, B: int) -> torch.Tensor:
+    """[N, 2] spec section 5 weights: w for the group's keyframe, 1 - w for the previous (group 0: 1, 0)."""
+    w = torch.zeros(N, 2)
+    for f in range(N):
+        g = f // B
+        if g == 0:
+            w[f] = torch.tensor([1.0, 0.0])
+            continue
+        d1, d2 = abs(f - (g * B + B // 2)), abs(f - ((g - 1) * B + B // 2))
+        s = torch.sigmoid(torch.tensor(d2 / (d1 + d2)))
+        w[f] = torch.stack([s, 1 - s])
+    return w
+
+
+def make_case(S, C, K, B, dtype, device, seed=0):
+    N = K * B
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, S, C, generator=g).to(device, dtype)
+    key_feats = torch.randn(K, S, C, generator=g).to(device, dtype)
+    key_out = torch.randn(R, K, S, C, generator=g).to(device, dtype)
+    residual = torch.randn(R, N, S, C, generator=g).to(device, dtype)
+    grp = torch.arange(N) // B
+    which = torch.stack([grp, grp - 1], 1).to(device)  # group 0: -1
+    return dict(x=x, key_feats=key_feats, key_out=key_out, which=which, weights=blend_weights(N, B).to(device),
+                residual=residual)
+
+
+def ref_pattern(x, key_feats, key_out, which, weights, residual, B):
+    """The original implementation's pattern, one group at a time (see module docstring)."""
+    N, S, C = x.shape
+    out = torch.empty(R, N, S, C, dtype=key_out.dtype, device=x.device)
+    kn = key_feats / key_feats.norm(dim=-1, keepdim=True)
+    for g in range(N // B):
+        fs = slice(g * B, (g + 1) * B)
+        xn = x[fs].reshape(B * S, C)
+        xn = xn / xn.norm(dim=-1, keepdim=True)
+        cands = [g] if g == 0 else [g, g - 1]
+        sim = xn @ torch.cat([kn[c] for c in cands]).T  # [B*S, J*S]
+        gathered = []
+        for j, c in enumerate(cands):
+            idx = sim[:, j * S:(j + 1) * S].argmax(-1).view(B, S)
+            src = key_out[:, c].unsqueeze(1).expand(R, B, S, C)
+            gathered.append(torch.gather(src, 2, idx.view(1, B, S, 1).expand(R, B, S, C)))
+        w = weights[fs, 0].view(1, B, 1, 1).to(x.dtype)
+        blended = gathered[0] if g == 0 else w * gathered[0] + (1 - w) * gathered[1]
+        out[:, fs] = blended + residual[:, fs]
+    return out
+
+
+def gemm_only(x, key_feats, which, **_):
+    N, S, C = x.shape
+    return [x[(which[:, j] >= 0)].reshape(-1, C) @ key_feats[0].T for j in range(which.shape[1])]
+
+
+def methods(case, b):
+    """name -> callable, for the loaded backends that accept `case`, plus the two PyTorch baselines;
+    and name -> reason for those that do not."""
+    run, skipped = {}, {}
+    reasons = backends.explain("propagate", **case)
+    for name in backends.available():
+        if reasons[name]:
+            skipped[name] = reasons[name]
+        elif getattr(backends.get(name), "auto", True) is False:
+            skipped[name] = "not for real work here (e.g. the Triton interpreter)"
+        else:
+            run[name] = (lambda n: lambda: propagate(**case, backend=n))(name)
+    run["ref_pattern"] = lambda: ref_pattern(**case, B=b)
+    run["gemm_only"] = lambda: gemm_only(**case)
+    return run, skipped
+
+
+def cases(quick: bool, ks=(5, 15)):
+    levels = QUICK_LEVELS if quick else [(S, C) for S, C, _ in costmodel.SD21_LEVELS]
+    for S, C in levels:
+        for K in ((2,) if quick else ks):
+            yield S, C, K, (2 if quick else B)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help="output path (default bench/results/propagate[_quick].json)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (the default without CUDA)")
+    ap.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = args.quick or device == "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    reps = args.reps or (3 if quick else 10)
+    rep = Report("propagate_quick" if quick else "propagate", argv=None if argv is None else ["bench/bench_propagate.py", *argv],
+                 device_type=device, dtype=str(dtype), quick=quick, R=R)
+    peak = rep.meta["matmul_peak_tflops"] = matmul_peak_tflops(dtype, device)
+    for S, C, K, b in cases(quick):
+        case = make_case(S, C, K, b, dtype, device)
+        N = K * b
+        flop = costmodel.propagate_flops(S, C, N, 2) - costmodel.propagate_flops(S, C, b, 1)
+        meta = {"S": S, "C": C, "K": K, "B": b, "N": N, "flop": flop}
+        want = reference.propagate(**case)
+        run, skipped = methods(case, b)
+        for name, reason in skipped.items():
+            rep.add(meta, name, {"skipped": reason})
+        for name, fn in run.items():
+            row = measure(fn, flop, reps=reps, warmup=1 if quick else 3, device=device)
+            if "median_s" in row and peak:
+                row["pct_of_matmul_peak"] = 100 * row["tflops"] / peak
+            if "median_s" in row and name not in ("gemm_only",):
+                got = fn()
+                row["max_abs_diff_vs_reference"] = float((got.float() - want.float()).abs().max())
+            rep.add(meta, name, row)
+        del case, want
+    rep.write(args.json)
+    return 0
+
+
+# --- pytest-benchmark entry points (not collected by the default `pytest` run: testpaths = ["tests"]) ---
+
+def _bench_params():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [(S, C, K, b, device) for S, C, K, b in cases(device == "cpu")]
+
+
+try:
+    import pytest
+
+    @pytest.mark.parametrize("S,C,K,b,device", _bench_params())
+    @pytest.mark.parametrize("method", ["triton", "cuda", "cpu", "faiss", "torch", "ref_pattern", "gemm_only"])
+    def test_propagate(benchmark, S, C, K, b, device, method):
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        case = make_case(S, C, K, b, dtype, device)
+        run, skipped = methods(case, b)
+        if method not in run:
+            pytest.skip(skipped.get(method, f"{method} is not loaded"))
+        fn = run[method]
+        benchmark.extra_info["tflops_model_flop"] = costmodel.propagate_flops(S, C, K * b, 2) - \
+            costmodel.propagate_flops(S, C, b, 1)
+        benchmark(lambda: (fn(), torch.cuda.synchronize() if device == "cuda" else None))
+except ImportError:  # plain `python bench/bench_propagate.py` needs no pytest
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
