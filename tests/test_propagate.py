@@ -309,3 +309,28 @@ def test_propagate_at_sd21_levels_on_gpu(backend, dtype, S, C):
     want_out = reference.propagate(x, key_feats, key_out, which, weights, residual)
     same = (idx == want).all(dim=1)  # tokens whose indices agree must agree in output
     torch.testing.assert_close(out.float()[:, same], want_out.float()[:, same], rtol=2e-2, atol=2e-2)
+
+
+def test_selfcheck_rejects_a_wrong_gpu_backend_and_accepts_the_reference():
+    """The first-use check `auto` runs on CUDA inputs, exercised here on the CPU with a planted bug."""
+    import torch
+
+    from tokenflow.ops import reference, selfcheck
+
+    class Wrong:
+        name = "wrong"
+        extended_attention = staticmethod(lambda q, k, v, heads, shared_qk=False, scale=None: v.clone())
+        propagate = staticmethod(lambda *a, **kw: reference.propagate(*a, **kw) * 1.5)
+        cosine_argmax = staticmethod(lambda x, kf, w: reference.cosine_argmax(x, kf, w).flip(-1))
+
+    class Right:
+        name = "right"
+        extended_attention = staticmethod(reference.extended_attention)
+        propagate = staticmethod(reference.propagate)
+        cosine_argmax = staticmethod(reference.cosine_argmax)
+
+    cpu = torch.device("cpu")
+    for op in ("extended_attention", "propagate", "cosine_argmax"):
+        assert selfcheck._check(Wrong, op, cpu, torch.float32) is not None
+        assert selfcheck._check(Right, op, cpu, torch.float32) is None
+    assert selfcheck.verified(Wrong, "propagate", {"x": torch.zeros(1)})  # CPU inputs are not checked (CI tests them)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from tokenflow.ops import selfcheck
+
 # Priority order for `auto`: the first backend whose `why_not` returns None runs the operation.
 _MODULES = {
     "cuda": "tokenflow.ops.backend_cuda",
@@ -94,6 +96,8 @@ def choose(op: str, backend: str | None, **inputs):
         if op not in b.ops or getattr(b, "auto", True) is False:
             continue
         reason = b.why_not(op, **inputs)
+        if reason is None and not selfcheck.verified(b, op, inputs):
+            reason = "failed its first-use self-check against the reference on this device"
         if reason is None:
             return b
         reasons.append(f"{n}: {reason}")
