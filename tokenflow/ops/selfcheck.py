@@ -20,10 +20,12 @@ _results: dict[tuple, str | None] = {}
 
 def _inputs_propagate(device, dtype, g):
     K, F_, S, C, R = 2, 3, 77, 64, 3
-    key_feats = torch.randn(K, S, C, generator=g).to(device, dtype)
-    # Each frame token is a keyframe token plus small noise, so the nearest neighbour is unambiguous.
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(F_)]).to(device)
-    x = key_feats[0][perm] + (0.01 * torch.randn(F_, S, C, generator=g)).to(device, dtype)
+    # Every token is a permuted copy of one base set plus small noise, so each nearest neighbour is
+    # unambiguous in any precision.
+    base = torch.randn(S, C, generator=g)
+    noisy = lambda n: torch.stack([base[torch.randperm(S, generator=g)] for _ in range(n)]) \
+        + 0.01 * torch.randn(n, S, C, generator=g)  # noqa: E731
+    key_feats, x = noisy(K).to(device, dtype), noisy(F_).to(device, dtype)
     key_out = torch.randn(R, K, S, C, generator=g).to(device, dtype)
     which = torch.tensor([[0, -1], [0, 1], [1, 0]], device=device)
     weights = torch.tensor([[1.0, 0.0], [0.7, 0.3], [0.6, 0.4]], device=device)
