@@ -77,20 +77,26 @@ def cosine_argmax(x: torch.Tensor, key_feats: torch.Tensor, which: torch.Tensor)
     return idx
 
 
-def propagate(x: torch.Tensor, key_feats: torch.Tensor, key_out: torch.Tensor, which: torch.Tensor,
-              weights: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def gather_blend(key_out: torch.Tensor, which: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out[r, f, s] = residual + sum_j weights[f, j] * key_out[r, which[f, j], idx[f, j, s]], in float32."""
     R = key_out.shape[0]
-    F_, S, C = x.shape
-    idx = cosine_argmax(x, key_feats, which)
+    F_, J, S = idx.shape
+    C = key_out.shape[-1]
     out = torch.empty(R, F_, S, C, dtype=key_out.dtype, device=key_out.device)
     w = weights.to(torch.float32)
     for f in range(F_):
         acc = residual[:, f].to(torch.float32) if residual is not None else torch.zeros(
             R, S, C, dtype=torch.float32, device=key_out.device)
-        for j in range(which.shape[1]):
+        for j in range(J):
             kf = int(which[f, j])
             if kf < 0:
                 continue
             acc = acc + w[f, j] * key_out[:, kf, idx[f, j]].to(torch.float32)
         out[:, f] = acc.to(key_out.dtype)
     return out
+
+
+def propagate(x: torch.Tensor, key_feats: torch.Tensor, key_out: torch.Tensor, which: torch.Tensor,
+              weights: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return gather_blend(key_out, which, weights, cosine_argmax(x, key_feats, which), residual)
