@@ -229,3 +229,18 @@ def test_extended_attention_at_sd21_levels_on_gpu(backend, dtype, shared, S, C, 
     # the reference in float32 (SDPA math on upcast inputs) as ground truth at this size
     want = reference.extended_attention(q.float(), k.float(), v.float(), heads, shared_qk=shared)
     torch.testing.assert_close(out.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_public_functions_compile_without_graph_breaks():
+    """`tokenflow.ops.*` route to the registered operators under torch.compile (full graph)."""
+    import tokenflow.ops as ops
+
+    def f(x, kf, ko, which, w, q):
+        return ops.propagate(x, kf, ko, which, w) * 2, ops.extended_attention(q, q, q, 2)
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(3, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g), torch.randn(3, 2, 10, 8, generator=g),
+            torch.tensor([[0, -1], [1, 0], [1, 0]]), torch.rand(3, 2, generator=g), torch.randn(3, 2, 10, 8, generator=g))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for a, b in zip(compiled(*args), f(*args)):
+        torch.testing.assert_close(a, b)
