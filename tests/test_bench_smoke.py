@@ -18,3 +18,12 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert modes == {(m, s) for m in ("tokenflow", "reference_pattern") for s in ("invert_2", "edit_2")}
     assert data["meta"]["smoke"] and data["meta"]["command"].startswith("python bench/bench_pipeline.py")
     assert "| frames |" in md.read_text()
+
+
+def test_micro_benchmarks_smoke(tmp_path):
+    for name in ("bench_propagate", "bench_extended_attention"):
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--json", str(out)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(out.read_text())
