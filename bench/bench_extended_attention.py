@@ -20,7 +20,6 @@ MATH materialises the logits and is skipped above 8 GiB of them.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, measure  # noqa: E402
+from harness import Report, matmul_peak_tflops, measure, parse_args  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.ops import backends, extended_attention, reference  # noqa: E402
@@ -116,16 +115,7 @@ def cases(quick: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", default=None, help="output path (default bench/results/extended_attention[_quick].json)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (the default without CUDA)")
-    ap.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--reps", type=int, default=None)
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    quick = args.quick or device == "cpu"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    reps = args.reps or (3 if quick else 10)
+    args, device, quick, dtype, reps = parse_args(__doc__, "extended_attention", argv)
     rep = Report("extended_attention_quick" if quick else "extended_attention",
                  argv=None if argv is None else ["bench/bench_extended_attention.py", *argv],
                  device_type=device, dtype=str(dtype), quick=quick, R=R, d=D)

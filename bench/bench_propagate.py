@@ -16,14 +16,13 @@ feature dtype: no argmax, no gather; the tensor-core bound the fused kernels are
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, measure  # noqa: E402
+from harness import Report, matmul_peak_tflops, measure, parse_args  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.ops import backends, propagate, reference  # noqa: E402
@@ -111,16 +110,7 @@ def cases(quick: bool, ks=(5, 15)):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", default=None, help="output path (default bench/results/propagate[_quick].json)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (the default without CUDA)")
-    ap.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--reps", type=int, default=None)
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    quick = args.quick or device == "cpu"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    reps = args.reps or (3 if quick else 10)
+    args, device, quick, dtype, reps = parse_args(__doc__, "propagate", argv)
     rep = Report("propagate_quick" if quick else "propagate", argv=None if argv is None else ["bench/bench_propagate.py", *argv],
                  device_type=device, dtype=str(dtype), quick=quick, R=R)
     peak = rep.meta["matmul_peak_tflops"] = matmul_peak_tflops(dtype, device)

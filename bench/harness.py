@@ -111,3 +111,20 @@ def matmul_peak_tflops(dtype=torch.bfloat16, device: str = "cuda", n: int = 8192
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_fn(lambda: a @ b, warmup=3, reps=10, device=device)
     return 2 * n ** 3 / t["min_s"] / 1e12
+
+
+def parse_args(doc: str, name: str, argv=None):
+    """The options every micro-benchmark takes. Returns (args, device, quick, dtype, reps)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help=f"output path (default bench/results/{name}[_quick].json)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (the default without CUDA)")
+    ap.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = args.quick or device == "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    reps = args.reps or (3 if quick else 10)
+    return args, device, quick, dtype, reps

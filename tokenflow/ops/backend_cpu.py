@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenflow.ops.backends import register
+from tokenflow.ops.backends import Backend, register
 
 try:
     from tokenflow import _C
@@ -30,7 +30,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-class CpuBackend:
+class CpuBackend(Backend):
     name = "cpu"
     ops = ("propagate", "cosine_argmax")
 
@@ -50,10 +50,6 @@ class CpuBackend:
             return f"S = {x.shape[1]} tokens is beyond the kernel's int32 candidate index"
         return None
 
-    def _require(self, op, **inputs):
-        reason = self.why_not(op, **inputs)
-        if reason:
-            raise ValueError(f"tokenflow.ops.{op} (cpu backend): {reason}")
 
     def cosine_argmax(self, x, key_feats, which):
         self._require("cosine_argmax", x=x, key_feats=key_feats, which=which)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenflow.ops.backends import register
+from tokenflow.ops.backends import Backend, register
 
 try:
     from tokenflow import _C
@@ -33,7 +33,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()  # 16-byte vector loads need an aligned start
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
     ops = ("propagate", "cosine_argmax")
 
@@ -77,10 +77,6 @@ class CudaBackend:
             return f"J = {which.shape[1]} keyframes per frame exceed the kernel's {MAX_J}"
         return None
 
-    def _require(self, op, **inputs):
-        reason = self.why_not(op, **inputs)
-        if reason:
-            raise ValueError(f"tokenflow.ops.{op} (cuda backend): {reason}")
 
     def _run(self, x, key_feats, which, key_out=None, weights=None, residual=None, want_idx=False):
         F_, S, C = x.shape

@@ -12,16 +12,13 @@ import numpy as np
 import torch
 
 from tokenflow.ops import reference
-from tokenflow.ops.backends import register
+from tokenflow.ops.backends import Backend, register
 
 
-class FaissBackend:
+class FaissBackend(Backend):
     name = "faiss"
     ops = ("propagate", "cosine_argmax")
     auto = False  # the fused kernels and the reference are both faster than a host round trip
-
-    def why_not(self, op, **inputs):
-        return None
 
     def cosine_argmax(self, x, key_feats, which):
         F_, S, C = x.shape

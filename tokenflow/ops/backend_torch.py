@@ -1,14 +1,11 @@
 """The `torch` backend: the plain-PyTorch reference, valid for every input the validators accept."""
 from tokenflow.ops import reference
-from tokenflow.ops.backends import register
+from tokenflow.ops.backends import Backend, register
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
     ops = ("extended_attention", "propagate", "cosine_argmax")
-
-    def why_not(self, op, **inputs):
-        return None
 
     extended_attention = staticmethod(reference.extended_attention)
     propagate = staticmethod(reference.propagate)

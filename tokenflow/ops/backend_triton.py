@@ -16,12 +16,12 @@ import torch
 
 from tokenflow.kernels import extended_attention as _ea
 from tokenflow.kernels import propagate as _prop
-from tokenflow.ops.backends import register
+from tokenflow.ops.backends import Backend, register
 
 INTERPRET = _prop.INTERPRET
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     name = "triton"
     ops = ("extended_attention", "propagate", "cosine_argmax")
     auto = not INTERPRET  # never let `auto` route real work to the interpreter
@@ -51,10 +51,6 @@ class TritonBackend:
                     return f"head dim {d} (C = {v.shape[3]}, heads = {heads}) exceeds the kernel's {_ea.MAX_HEAD_DIM}"
         return None
 
-    def _require(self, op, **inputs):
-        reason = self.why_not(op, **inputs)
-        if reason:
-            raise ValueError(f"tokenflow.ops.{op} (triton backend): {reason}")
 
     def extended_attention(self, q, k, v, heads, *, shared_qk=False, scale=None):
         self._require("extended_attention", q=q, k=k, v=v, heads=heads, shared_qk=shared_qk)

@@ -30,6 +30,20 @@ _loaded = False
 _forced: str | None = None
 
 
+class Backend:
+    """Optional base class: `_require` turns `why_not`'s reason into the ValueError a direct call raises."""
+
+    name = "?"
+
+    def why_not(self, op, **inputs):
+        return None
+
+    def _require(self, op, **inputs):
+        reason = self.why_not(op, **inputs)
+        if reason:
+            raise ValueError(f"tokenflow.ops.{op} ({self.name} backend): {reason}")
+
+
 def register(backend) -> None:
     _registry[backend.name] = backend
 
