@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, measure, parse_args  # noqa: E402
+from harness import Report, matmul_peak_tflops, measure, parse_args, backend_runs  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
-from tokenflow.ops import backends, extended_attention, reference  # noqa: E402
+from tokenflow.ops import extended_attention, reference  # noqa: E402
 
 R, D = 3, 64
 SDPA_BACKENDS = {"FLASH": SDPBackend.FLASH_ATTENTION, "EFFICIENT": SDPBackend.EFFICIENT_ATTENTION,
@@ -81,16 +81,8 @@ def sdpa_composition(q, k, v, heads, shared_qk, out):
 
 
 def methods(case, device):
-    run, skipped = {}, {}
     inputs = {n: case[n] for n in ("q", "k", "v", "heads", "shared_qk")}
-    reasons = backends.explain("extended_attention", **inputs)
-    for name in backends.available():
-        if reasons[name]:
-            skipped[name] = reasons[name]
-        elif getattr(backends.get(name), "auto", True) is False:
-            skipped[name] = "not for real work here (e.g. the Triton interpreter)"
-        else:
-            run[name] = (lambda n: lambda: extended_attention(**inputs, backend=n))(name)
+    run, skipped = backend_runs("extended_attention", inputs, lambda n: extended_attention(**inputs, backend=n))
     R_, K, S, C = case["v"].shape
     out = torch.empty_like(case["v"])
     logits = (K * S) ** 2 * case["heads"] * 4

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, measure, parse_args  # noqa: E402
+from harness import Report, matmul_peak_tflops, measure, parse_args, backend_runs  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
-from tokenflow.ops import backends, propagate, reference  # noqa: E402
+from tokenflow.ops import propagate, reference  # noqa: E402
 
 B, R = 8, 3
 QUICK_LEVELS = [(64, 320), (16, 640)]  # S, C: CPU smoke shapes
@@ -88,15 +88,7 @@ def gemm_only(x, key_feats, which, **_):
 def methods(case, b):
     """name -> callable, for the loaded backends that accept `case`, plus the two PyTorch baselines;
     and name -> reason for those that do not."""
-    run, skipped = {}, {}
-    reasons = backends.explain("propagate", **case)
-    for name in backends.available():
-        if reasons[name]:
-            skipped[name] = reasons[name]
-        elif getattr(backends.get(name), "auto", True) is False:
-            skipped[name] = "not for real work here (e.g. the Triton interpreter)"
-        else:
-            run[name] = (lambda n: lambda: propagate(**case, backend=n))(name)
+    run, skipped = backend_runs("propagate", case, lambda n: propagate(**case, backend=n))
     run["ref_pattern"] = lambda: ref_pattern(**case, B=b)
     run["gemm_only"] = lambda: gemm_only(**case)
     return run, skipped

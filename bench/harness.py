@@ -128,3 +128,20 @@ def parse_args(doc: str, name: str, argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     reps = args.reps or (3 if quick else 10)
     return args, device, quick, dtype, reps
+
+
+def backend_runs(op: str, inputs: dict, call) -> tuple[dict, dict]:
+    """name -> callable for every loaded backend that accepts `inputs` for `op` (call(backend_name) runs it),
+    and name -> reason for the others."""
+    from tokenflow.ops import backends
+
+    run, skipped = {}, {}
+    reasons = backends.explain(op, **inputs)
+    for name in backends.available():
+        if reasons[name]:
+            skipped[name] = reasons[name]
+        elif getattr(backends.get(name), "auto", True) is False:
+            skipped[name] = "not for real work here (e.g. the Triton interpreter)"
+        else:
+            run[name] = (lambda n: lambda: call(n))(name)
+    return run, skipped
