@@ -54,7 +54,7 @@ class EditConfig:
     depth: str | None = None  # depth video/frames for mode=depth; None: estimate when weights are present
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available
-    backend: str = "auto"  # tokenflow.ops backend
+    backend: str = "auto"  # tokenflow.ops backend (torch, triton, cuda, cpu, faiss) for the ops it implements
     chunk_frames: int | None = None  # frames per UNet call in group passes and inversion (None: planner)
     max_gpu_mem: float | None = None  # GiB the planner may use (None: free memory)
     keyframe_window: int | None = None  # opt-in windowed extended attention (approximation; None: exact)

@@ -122,8 +122,8 @@ class TokenFlowEditor:
         with _timed(timings, "encode"):
             x0 = store.load_x0()
             if x0 is None:
-                x0 = encode_frames(m, frames, chunk, progress)
-                store.save_x0(x0)
+                store.save_x0(encode_frames(m, frames, chunk, progress))
+                x0 = store.load_x0()  # the stored copy, so a fresh and a reused inversion edit identically
         emb = m.encode_prompt([cfg.inversion_prompt])
         reused = store.complete
         with _timed(timings, "invert"):
@@ -184,7 +184,7 @@ class TokenFlowEditor:
             n_conv_steps=int(cfg.n_timesteps * cfg.pnp_f_t) if cfg.mode != "sdedit" else 0,
             seed=cfg.seed, groups_per_call=max(1, chunk // cfg.batch_size))
         embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
-        self.state.backend = None if cfg.backend == "auto" else cfg.backend
+        self.state.backends = forced_backends(cfg.backend, m.device, m.dtype)
         self.state.keyframe_window = cfg.keyframe_window
         self.state.keyframe_chunk = chunk
         self.state.records = KeyframeRecords(offload=offload_records(m, cfg, len(groups), *x.shape[2:]))
@@ -194,6 +194,34 @@ class TokenFlowEditor:
             out = torch.cat(list(decode_latents(m, x, chunk, progress)))
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
         return EditResult(out, timings, peak, inversion.reused, inversion.path)
+
+
+def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+    """op -> backend for `--backend NAME`: NAME for the operations it implements, auto for the others
+    (e.g. the C++ `cpu` backend only propagates). Checked up front on a probe of the model's device and dtype."""
+    from tokenflow.ops import backends
+
+    if name == "auto":
+        return {}
+    reason = backends.why_unavailable(name)
+    if reason:
+        raise TokenFlowError(f"--backend {name}: {reason}; use --backend auto")
+    b = backends.get(name)
+    probe = dict(x=torch.zeros(1, 8, 64, device=device, dtype=dtype), key_feats=torch.zeros(1, 8, 64, device=device, dtype=dtype),
+                 key_out=torch.zeros(3, 1, 8, 64, device=device, dtype=dtype), which=torch.zeros(1, 2, dtype=torch.long, device=device),
+                 weights=torch.zeros(1, 2, device=device), residual=None)
+    qkv = torch.zeros(3, 1, 8, 64, device=device, dtype=dtype)
+    probes = {"propagate": probe, "extended_attention": dict(q=qkv, k=qkv, v=qkv, heads=1, shared_qk=False)}
+    out = {}
+    for op, inputs in probes.items():
+        if op in b.ops:
+            reason = b.why_not(op, **inputs)
+            if reason:
+                raise TokenFlowError(f"--backend {name} cannot run {op} here: {reason}; use --backend auto")
+            out[op] = name
+    if not out:
+        raise TokenFlowError(f"--backend {name} implements neither operation the editor runs; use --backend auto")
+    return out
 
 
 @contextmanager

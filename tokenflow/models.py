@@ -67,7 +67,8 @@ class Models:
                 params = list(m.parameters())
                 for p in (params[0], params[len(params) // 2], params[-1]):
                     h.update(p.detach().float().cpu().numpy().tobytes())
-            h.update(repr(sorted(self.scheduler_config.items())).encode())
+            # Keys starting with "_" are diffusers' bookkeeping (e.g. a set-ordered list that differs per process).
+            h.update(repr(sorted((k, v) for k, v in self.scheduler_config.items() if not k.startswith("_"))).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -132,7 +133,23 @@ def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_co
     except ModelNotFoundError:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise
+        if not hub_reachable():  # fail now, not after minutes of the hub client's retries
+            raise _not_found(name, "not in the local cache and the hub cannot be reached") from None
         return _finish(_load_pretrained(name, name, local_only=False), device, dtype)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _load_pretrained(where: str, name: str, *, local_only: bool) -> Models:

@@ -48,9 +48,10 @@ class TokenFlowSelfAttention:
         v = attn.to_v(h).view(3, K, S, C)
         if st.keyframe_window:
             out = windowed_extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale,
-                                              window=st.keyframe_window, backend=st.backend)
+                                              window=st.keyframe_window, backend=st.backends.get("extended_attention"))
         else:
-            out = ops.extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale, backend=st.backend)
+            out = ops.extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale,
+                                         backend=st.backends.get("extended_attention"))
         out = attn.to_out[1](attn.to_out[0](out.view(n, S, C)))
         st.records.put_out(self.layer, out.view(3, K, S, C))
         return out
@@ -60,7 +61,7 @@ class TokenFlowSelfAttention:
         n, S, C = h.shape
         F = n // 3
         feats, outs = st.records.window(self.layer, st.key_lo, st.key_hi, h.device)
-        out = ops.propagate(h[:F], feats, outs, st.which, st.weights, backend=st.backend)
+        out = ops.propagate(h[:F], feats, outs, st.which, st.weights, backend=st.backends.get("propagate"))
         return out.view(n, S, C)
 
 

@@ -66,7 +66,7 @@ class StepState:
     step: int = -1
     qk_inject: bool = False
     conv_inject: bool = False
-    backend: str | None = None
+    backends: dict[str, str | None] = field(default_factory=dict)  # op -> forced backend (None: auto)
     keyframe_window: int | None = None  # opt-in windowed extended attention (tokenflow.windowed)
     keyframe_chunk: int | None = None  # keyframes per chunk in the keyframe pass's per-row modules (tokenflow.chunking)
     # Group pass: keyframes [key_lo, key_hi) of the records, and per frame of the call the record-local

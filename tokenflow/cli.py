@@ -1,0 +1,494 @@
+"""`tokenflow-edit`: edit a video with a prompt from the terminal.
+
+    tokenflow-edit INPUT --prompt "..." [-o OUT.mp4]     invert (or reuse the latent store), then edit
+    tokenflow-edit invert INPUT [...]                    only the inversion, into the latent store
+    tokenflow-edit edit INPUT --prompt "..." [...]       edit with the stored inversion
+
+Settings come from three layers: EditConfig's defaults < a YAML file (`--config`, our keys or the
+reference's) < flags. Every EditConfig field gets a flag generated from the dataclass, so flags, config
+keys and defaults cannot drift apart. Outputs are staged under temporary names and renamed together
+at the end: a failed or interrupted run leaves no partial output.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import typing
+from dataclasses import MISSING, fields
+from fractions import Fraction
+from pathlib import Path
+
+import yaml
+
+from tokenflow import __version__
+from tokenflow.config import DTYPES, MODES, RESIZE, EditConfig
+from tokenflow.errors import TokenFlowError
+
+PROG = "tokenflow-edit"
+COMMANDS = ("run", "invert", "edit")
+DEFAULT_OUT_DIR = Path("tokenflow_out")
+
+# Flags whose name is not the field name: `start` is the reference's SDEdit key, so `--start` is left
+# to the input's first frame, as video tools name it; `--frames` reads better than `--n-frames`.
+FLAG_NAMES = {"start": ("--sdedit-start",), "n_frames": ("--frames", "--n-frames")}
+CHOICES = {"mode": MODES, "resize": RESIZE, "dtype": DTYPES}
+HELP = {
+    "prompt": "what the edited video should show",
+    "negative_prompt": "what it should not show",
+    "inversion_prompt": "prompt of the DDIM inversion (the reference uses an empty one)",
+    "model": "hub id, local diffusers folder, .safetensors/.ckpt checkpoint, or tiny-random "
+             "(random weights: meaningless output, for smoke tests)",
+    "seed": "seeds the keyframe draws and any noise",
+    "guidance_scale": "classifier-free guidance scale",
+    "n_frames": "number of input frames to edit (after --start and --stride); none: all",
+    "height": "processing height, a multiple of 8; none: from the input (longer side 512, aspect kept)",
+    "width": "processing width, a multiple of 8; none: from the input (longer side 512, aspect kept)",
+    "resize": "keep the aspect ratio and crop or pad to the size, or stretch as the reference",
+    "match_reference": "reproduce the reference's semantics exactly: frames stretched (square inputs to "
+                       "512x512), frame count rounded down to a multiple of --batch-size",
+    "depth": "depth video or folder of depth frames for a depth model (read with the same --start/--stride)",
+}
+# Config-file keys the CLI itself handles (the input selection); the rest are EditConfig keys.
+CLI_KEYS = ("input", "first_frame", "stride", "fps")
+
+log = logging.getLogger("tokenflow")
+
+
+# -- argument parsing --------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the problem and where to look
+        _fail(f"{message} (see {PROG} --help)")
+
+
+def _fail(message: str, code: int = 2):
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _field_comments() -> dict[str, str]:
+    """The trailing `# ...` comment of each EditConfig field: the help text lives with the default."""
+    out = {}
+    for line in inspect.getsource(EditConfig).splitlines():
+        m = re.match(r"\s+(\w+):[^=#]+=[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _optional(convert):
+    def parse(text: str):
+        if text.lower() in ("none", "auto", ""):
+            return None
+        return convert(text)
+    parse.__name__ = convert.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise ValueError(text)
+    return v
+
+
+_nonneg_int.__name__ = "non-negative int"
+
+
+def _fraction(text: str) -> Fraction:
+    v = Fraction(text)
+    if v <= 0:
+        raise ValueError(text)
+    return v
+
+
+_fraction.__name__ = "positive rate (e.g. 24 or 30000/1001)"
+
+
+def _add_config_flags(group) -> None:
+    hints = typing.get_type_hints(EditConfig)
+    comments = _field_comments()
+    for f in fields(EditConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if optional else hint
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = HELP.get(f.name) or comments.get(f.name) or f.name.replace("_", " ")
+        shown = "none" if default is None else repr(default) if isinstance(default, str) else default
+        help_text = f"{help_text} (default: {shown}; config key: {f.name})".replace("%", "%%")
+        names = FLAG_NAMES.get(f.name, (f"--{f.name.replace('_', '-')}",))
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if base is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        kw["type"] = _optional(base) if optional else base
+        kw["metavar"] = "|".join(CHOICES[f.name]) if f.name in CHOICES else base.__name__.upper()
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        group.add_argument(*names, **kw)
+
+
+def build_parser(command: str = "run") -> argparse.ArgumentParser:
+    what = {"run": "invert the video (or reuse its stored inversion), then edit it with the prompt",
+            "invert": "DDIM-invert the video into the latent store, so later edits skip this stage",
+            "edit": "edit with the stored inversion (computed first when the store has none)"}[command]
+    prog = PROG if command == "run" else f"{PROG} {command}"
+    p = _Parser(
+        prog=prog, description=f"{prog}: {what}.",
+        epilog=f"Commands: `{PROG} INPUT ...` (invert + edit), `{PROG} invert INPUT ...`, `{PROG} edit INPUT ...`. "
+               f"Each config key is a flag and vice versa; flags override --config. A file named like a "
+               f"command or `sample` is given as ./NAME.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", default=None,
+                   help="video file (mp4/mov/webm/mkv/gif), folder of image frames, or `sample` (the bundled "
+                        "clip); may come from the config file's `input` (or the reference's `data_path`)")
+    p.add_argument("--config", metavar="YAML", help="settings file: our keys (as written beside every output) "
+                   "or the reference's config_pnp.yaml keys")
+    g = p.add_argument_group("input selection")
+    g.add_argument("--start", "--first-frame", dest="first_frame", type=_nonneg_int, default=argparse.SUPPRESS,
+                   help="first input frame to use, 0-based (default: 0; config key: first_frame)")
+    g.add_argument("--stride", type=int, default=argparse.SUPPRESS,
+                   help="use every STRIDE-th frame; the output plays at input fps / STRIDE (default: 1; config key: stride)")
+    g.add_argument("--fps", type=_fraction, default=argparse.SUPPRESS,
+                   help="frame rate of a folder-of-frames input (default: 24; config key: fps); videos keep their own")
+    if command != "invert":
+        o = p.add_argument_group("output")
+        o.add_argument("-o", "--output", metavar="OUT",
+                       help=f"output .mp4, or an existing folder (default: {DEFAULT_OUT_DIR}/<input>_<prompt>.mp4); "
+                            f"the config used is written to OUT with .yaml")
+        o.add_argument("--png", action="store_true", help="also write the frames as PNGs to OUT_frames/")
+        o.add_argument("--side-by-side", action="store_true", help="also write input | edit to OUT_side_by_side.mp4")
+        o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        o.add_argument("--crf", type=_nonneg_int, default=18, help="H.264 quality, lower is better (default: 18)")
+    s = p.add_argument_group("edit settings (each also a config key)")
+    _add_config_flags(s)
+    m = p.add_argument_group("messages").add_mutually_exclusive_group()
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: errors and the summary line only")
+    m.add_argument("-v", "--verbose", action="store_true", help="also the engine's log")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """`tokenflow-edit invert ...` / `edit ...`; anything else is the default command (run)."""
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return "run", argv
+
+
+# -- settings ----------------------------------------------------------------------------------------
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TokenFlowError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TokenFlowError(f"config file {p} is not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TokenFlowError(f"config file {p} must be a mapping of keys to values, not a {type(data).__name__}")
+    return data
+
+
+def resolve(args: argparse.Namespace) -> tuple[EditConfig, dict]:
+    """(EditConfig, input selection) from defaults < --config file < flags."""
+    data = load_config_file(args.config) if args.config else {}
+    sel = {"input": None, "first_frame": 0, "stride": 1, "fps": None}
+    if "data_path" in data:  # the reference's input key
+        sel["input"] = data.pop("data_path")
+    for k in CLI_KEYS:
+        if k in data:
+            sel[k] = data.pop(k)
+    flags = {k: getattr(args, k) for k in EditConfig.keys() if hasattr(args, k)}
+    for k in ("first_frame", "stride", "fps"):
+        if hasattr(args, k):
+            sel[k] = getattr(args, k)
+    if args.input is not None:
+        sel["input"] = args.input
+    if sel["input"] is None:
+        raise TokenFlowError("no input: give a video file, a folder of frames or `sample` (or `input:` in --config)")
+    if not isinstance(sel["first_frame"], int) or sel["first_frame"] < 0:
+        raise TokenFlowError(f"--start {sel['first_frame']} must be a frame index >= 0")
+    if not isinstance(sel["stride"], int) or sel["stride"] < 1:
+        raise TokenFlowError(f"--stride {sel['stride']} must be at least 1 (1 uses every frame)")
+    if sel["fps"] is not None:
+        try:
+            sel["fps"] = _fraction(str(sel["fps"]))
+        except (ValueError, ZeroDivisionError):
+            raise TokenFlowError(f"fps {sel['fps']!r} must be a positive rate such as 24 or 30000/1001") from None
+    merged = {**data, **flags}
+    if merged.get("match_reference") and merged.get("resize", "stretch") != "stretch":
+        raise TokenFlowError(f"--match-reference stretches frames as the reference does, which conflicts with "
+                             f"--resize {merged['resize']}; drop one of them")
+    cfg = EditConfig.from_mapping(merged)
+    return cfg, sel
+
+
+def input_path(name: str) -> Path:
+    if str(name) == "sample":
+        from tokenflow.sample import sample_path
+        return sample_path()
+    return Path(name).expanduser()
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:n].rstrip("-") or "edit"
+
+
+class Outputs:
+    """The files of one run, staged under temporary names and renamed together when all are done."""
+
+    def __init__(self, video: Path, *, png: bool, side_by_side: bool):
+        self.video = video
+        self.config = video.with_suffix(".yaml")
+        self.png = video.with_name(f"{video.stem}_frames") if png else None
+        self.side_by_side = video.with_name(f"{video.stem}_side_by_side.mp4") if side_by_side else None
+        self._staged: list[tuple[Path, Path]] = []
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.video, self.config, self.png, self.side_by_side) if p is not None]
+
+    def check(self, overwrite: bool, input_file: Path) -> None:
+        from tokenflow.video import check_output
+        for p in self.paths():
+            if p.parent == DEFAULT_OUT_DIR and not p.parent.exists():
+                continue
+            check_output(p, overwrite=overwrite)
+            if p.resolve() == input_file.resolve():
+                raise TokenFlowError(f"output {p} is the input; choose another output path (the input is never written)")
+
+    def stage(self, final: Path, *, directory: bool = False) -> Path:
+        from tokenflow.video import temp_path
+        if final.parent == DEFAULT_OUT_DIR:
+            DEFAULT_OUT_DIR.mkdir(exist_ok=True)
+        tmp = temp_path(final, directory=directory)
+        self._staged.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        from tokenflow.video import commit
+        # SIGINT is held off for the few renames, so the outputs appear all together or not at all
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for tmp, final in self._staged:
+                commit(tmp, final)
+            self._staged.clear()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def discard(self) -> None:
+        from tokenflow.video import remove
+        for tmp, _ in self._staged:
+            remove(tmp)
+        self._staged.clear()
+
+
+def plan_outputs(args, cfg: EditConfig, src: Path) -> Outputs:
+    name = f"{src.stem}_{_slug(cfg.prompt)}.mp4"
+    if args.output is None:  # the default folder is made when the outputs are written, not before
+        video = DEFAULT_OUT_DIR / name
+    else:
+        out = Path(args.output).expanduser()
+        if args.output.endswith(("/", os.sep)) or out.is_dir():
+            if not out.is_dir():
+                raise TokenFlowError(f"output folder {out} does not exist; create it or choose another -o")
+            video = out / name
+        elif out.suffix.lower() != ".mp4":
+            raise TokenFlowError(f"-o {args.output}: the output is an H.264 .mp4 file (or an existing folder); "
+                                 f"use a name ending in .mp4")
+        else:
+            video = out
+    outputs = Outputs(video, png=args.png, side_by_side=args.side_by_side)
+    outputs.check(args.overwrite, src)
+    return outputs
+
+
+def written_config(cfg: EditConfig, sel: dict, src_label: str, size: tuple[int, int]) -> dict:
+    """The config a rerun needs to reproduce this run: paths made absolute, the processing size filled in
+    (except in reference mode, where the size given decides the reference's two-step resize)."""
+    d = cfg.to_dict()
+    if not cfg.match_reference:
+        d["width"], d["height"] = size
+    for k in ("depth", "cache_dir", "model_config"):
+        if d[k] is not None:
+            d[k] = str(Path(d[k]).expanduser().resolve())
+    if Path(cfg.model).expanduser().exists():
+        d["model"] = str(Path(cfg.model).expanduser().resolve())
+    head = {"input": src_label, "first_frame": sel["first_frame"], "stride": sel["stride"]}
+    if sel["fps"] is not None:
+        head["fps"] = str(sel["fps"])
+    return {**head, **d}
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+def _note(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def _tiny_warning() -> None:
+    bar = "!" * 78
+    print(f"{bar}\n{PROG}: WARNING: --model tiny-random is a tiny model with RANDOM weights for smoke tests.\n"
+          f"{PROG}: WARNING: its output is MEANINGLESS noise, not an edit. For a real edit use the default model\n"
+          f"{PROG}: WARNING: (in the Hugging Face cache or downloadable), a local folder or --model PATH.\n{bar}",
+          file=sys.stderr, flush=True)
+
+
+def _fmt_timings(t: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    from tokenflow.video import plan_resize, probe
+
+    quiet = args.quiet
+    cfg, sel = resolve(args)
+    if command != "invert" and not cfg.prompt.strip():
+        raise TokenFlowError('the prompt is empty: say what the edited video should show (--prompt "...")')
+    src = input_path(sel["input"])
+    info = probe(src)
+    fps = sel["fps"] if (info.is_folder and sel["fps"]) else info.fps
+    resize = plan_resize(info.width, info.height, cfg)
+    W, H = resize.width, resize.height
+    outputs = plan_outputs(args, cfg, src) if command != "invert" else None
+    depth_src = input_path(cfg.depth) if cfg.depth else None
+    if depth_src is not None:
+        probe(depth_src)
+
+    from tokenflow.tiny import TINY_VARIANTS
+    tiny = cfg.model in TINY_VARIANTS
+    if tiny:
+        _tiny_warning()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    _note(quiet, f"loading model {cfg.model}")
+    from tokenflow.editor import TokenFlowEditor
+    editor = TokenFlowEditor.from_config(cfg)
+    timings["load"] = time.perf_counter() - t0
+
+    from tokenflow.video import read_frames
+    t0 = time.perf_counter()
+    _note(quiet, f"reading {src} ({info.width}x{info.height}, {info.frames} frames at {_fps(info.fps)} fps) "
+                 f"-> {W}x{H} ({resize.policy})")
+    frames = read_frames(src, start=sel["first_frame"], count=cfg.n_frames, stride=sel["stride"],
+                         resize=resize, progress=not quiet)
+    depth = None
+    if depth_src is not None:
+        depth = read_frames(depth_src, start=sel["first_frame"], count=len(frames), stride=sel["stride"],
+                            resize=resize, progress=not quiet)
+    timings["read"] = time.perf_counter() - t0
+
+    if command == "invert":
+        stage: dict[str, float] = {}
+        inv = editor.invert(frames, cfg, progress=not quiet, depth=depth, _timings=stage)
+        timings.update(stage)
+        print(f"{PROG}: inverted {len(frames)} frames {W}x{H} into {inv.path}"
+              f"{' (reused: already in the store)' if inv.reused else ''} | {_fmt_timings(timings)}"
+              f"{' | tiny-random: MEANINGLESS' if tiny else ''}", flush=True)
+        return 0
+
+    res = editor.edit(frames, cfg, progress=not quiet, depth=depth)
+    timings.update(res.timings)
+    if command == "edit" and not res.inversion_reused:
+        _note(quiet, "no inversion of this video with these settings was in the store: it was computed now "
+                     "(it depends on model, size, frames, inversion prompt, n_inversion_steps, n_timesteps)")
+    t0 = time.perf_counter()
+    write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args, timings, quiet)
+    timings["write"] = time.perf_counter() - t0
+    peak = "n/a (CPU)" if res.peak_gpu_mem is None else f"{res.peak_gpu_mem / 2**30:.2f} GiB"
+    out_fps = fps / sel["stride"]
+    print(f"{PROG}: done: {len(res.frames)} frames {W}x{H} at {_fps(out_fps)} fps | {_fmt_timings(timings)} | "
+          f"peak GPU memory {peak} | inversion {'reused' if res.inversion_reused else 'computed'} | "
+          f"{outputs.video}{' | tiny-random: MEANINGLESS OUTPUT' if tiny else ''}", flush=True)
+    return 0
+
+
+def _fps(f: Fraction) -> str:
+    return str(f.numerator) if f.denominator == 1 else f"{f} (~{float(f):.3f})"
+
+
+def write_outputs(outputs: Outputs, edited, frames, cfg, sel, info, src, fps, size, args, timings, quiet) -> None:
+    from tokenflow.video import encode_video, save_png_frames, side_by_side
+
+    n = len(edited)
+    out_fps = fps / sel["stride"]
+    audio = dict(audio_from=None if info.is_folder else src, audio_start=float(sel["first_frame"] / fps),
+                 audio_duration=float(n / out_fps))
+    try:
+        encode_video(outputs.stage(outputs.video), edited, out_fps, crf=args.crf, total=n, progress=not quiet, **audio)
+        if outputs.side_by_side is not None:
+            encode_video(outputs.stage(outputs.side_by_side), side_by_side(frames[:n], edited), out_fps,
+                         crf=args.crf, total=n, progress=not quiet, **audio)
+        if outputs.png is not None:
+            save_png_frames(outputs.stage(outputs.png, directory=True), edited)
+        label = "sample" if str(sel["input"]) == "sample" else str(src.resolve())
+        text = yaml.safe_dump(written_config(cfg, sel, label, size), sort_keys=False, allow_unicode=True)
+        header = (f"# {PROG} {__version__}: the settings of the run that wrote {outputs.video.name}\n"
+                  f"# rerun: {PROG} --config {outputs.config.name} -o NEW.mp4\n"
+                  f"# result: {n} frames {size[0]}x{size[1]} at {out_fps} fps; {_fmt_timings(timings)}\n")
+        if cfg.model.startswith("tiny-random"):
+            header += "# model tiny-random: random weights, the output is MEANINGLESS\n"
+        outputs.stage(outputs.config).write_text(header + text)
+        outputs.commit()
+    except BaseException:
+        outputs.discard()
+        raise
+
+
+def _setup_logging(args) -> None:
+    # Only the package's logger: other libraries keep their own handlers (configuring the root logger
+    # would print their messages twice).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
+
+
+def _name_flag(message: str) -> str:
+    """'n_frames = 0 must ...' (the engine speaks in config keys) -> also name the flag the user typed."""
+    m = re.match(r"(\w+) = ", message)
+    if m and m.group(1) in EditConfig.keys():
+        key = m.group(1)
+        flag = FLAG_NAMES.get(key, (f"--{key.replace('_', '-')}",))[0]
+        return f"{message} (flag {flag}, config key {key})"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = split_command(argv)
+    args = build_parser(command).parse_args(rest)
+    _setup_logging(args)
+    try:
+        return run(command, args)
+    except TokenFlowError as e:
+        _fail(_name_flag(str(e)))
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; no partial output is left (finished inversion chunks stay in the latent "
+              f"store and are reused by the next run)", file=sys.stderr)
+        return 130
+    except MemoryError:
+        _fail("out of host memory: select fewer frames (--frames, --stride) or a smaller size (--width/--height)", 1)
+    except Exception as e:  # noqa: BLE001 - out of GPU memory is a user matter; anything else is a bug
+        if type(e).__name__ == "OutOfMemoryError":
+            _fail("out of GPU memory: cap it with --max-gpu-mem, lower --chunk-frames, or select fewer frames or "
+                  "a smaller size", 1)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
