@@ -103,3 +103,16 @@ def test_keyframe_pass_in_chunks_is_exact(tiny_editor, clip, tiny_cfg):
     assert ("keyframe", 9) in rows[:n_whole] and ("keyframe", 3) in rows[n_whole:]  # 3 keyframes x 3 branches
     assert ("keyframe", 9) not in rows[n_whole:]
     assert (whole.frames.int() - chunked.frames.int()).abs().max() <= 1
+
+
+def test_offloaded_records_edit_identically(tiny_editor, clip, tiny_cfg, monkeypatch):
+    """With offloaded records each group call copies back only its keyframes' window: same frames."""
+    import tokenflow.editor as editor_module
+
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    cfg = tiny_cfg.replace(chunk_frames=4)
+    kept = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    monkeypatch.setattr(editor_module, "offload_records", lambda *a: True)
+    off = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    assert tiny_editor.state.records.offload
+    assert torch.equal(kept.frames, off.frames)

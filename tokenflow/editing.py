@@ -119,7 +119,9 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
         x_next = torch.empty_like(x)
 
         def groups_call(gs: list[int]):
-            lo, hi = max(gs[0] - 1, 0), gs[-1] + 1
+            # Offloaded records: copy back only the keyframes these groups blend. On the device: pass
+            # them whole, since a slice of [3, K, S, C] along K is not contiguous and would be copied.
+            lo, hi = (max(gs[0] - 1, 0), gs[-1] + 1) if state.records.offload else (0, G)
             idx = torch.arange(plan.groups[gs[0]].start, plan.groups[gs[-1]].stop)
             which = which_all[idx]
             state.key_lo, state.key_hi = lo, hi
