@@ -92,6 +92,7 @@ def bad_inputs(tmp_path_factory):
     (["sample"], "prompt is empty"),
     (["invert", "sample", "--png"], "unrecognized"),
     (["sample", "--prompt", "x", "--config", "missing.yaml"], "config file"),
+    (["sample", "--prompt", "x", "--backend", "nope"], "backend 'nope'"),
 ])
 def test_bad_input_exits_2_with_one_line(bad_inputs, args, words):
     before = visible(bad_inputs)

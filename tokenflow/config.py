@@ -90,6 +90,10 @@ class EditConfig:
             bad(f"n_frames = {self.n_frames} must be at least 1")
         if self.chunk_frames is not None and self.chunk_frames < 1:
             bad(f"chunk_frames = {self.chunk_frames} must be at least 1")
+        from tokenflow.ops.backends import known
+
+        if self.backend not in known():
+            bad(f"backend {self.backend!r} is not one of {', '.join(known())}")
         if self.keyframe_window is not None and self.keyframe_window < 1:
             bad(f"keyframe_window = {self.keyframe_window} must be at least 1")
         return self

@@ -162,6 +162,7 @@ class TokenFlowEditor:
             torch.cuda.reset_peak_memory_stats(m.device)
         timings: dict[str, float] = {}
         frames, groups = self._frames(frames, cfg)
+        op_backends = forced_backends(cfg.backend, m.device, m.dtype)  # a bad --backend fails before any work
         if inversion is None:
             inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
         chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
@@ -184,7 +185,7 @@ class TokenFlowEditor:
             n_conv_steps=int(cfg.n_timesteps * cfg.pnp_f_t) if cfg.mode != "sdedit" else 0,
             seed=cfg.seed, groups_per_call=max(1, chunk // cfg.batch_size))
         embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
-        self.state.backends = forced_backends(cfg.backend, m.device, m.dtype)
+        self.state.backends = op_backends
         self.state.keyframe_window = cfg.keyframe_window
         self.state.keyframe_chunk = chunk
         self.state.records = KeyframeRecords(offload=offload_records(m, cfg, len(groups), *x.shape[2:]))

@@ -60,6 +60,11 @@ def _load() -> None:
             _import_errors[name] = f"{type(e).__name__}: {e}"
 
 
+def known() -> list[str]:
+    """Every backend name `choose` accepts: the shipped ones and any registered from outside."""
+    return ["auto", *_MODULES, *[n for n in _registry if n not in _MODULES]]
+
+
 def available() -> list[str]:
     """Names of the backends that loaded, in `auto` priority order."""
     _load()
@@ -71,7 +76,7 @@ def why_unavailable(name: str) -> str | None:
     if name in _registry:
         return None
     if name not in _MODULES:
-        return f"unknown backend {name!r}; choose one of {', '.join(['auto', *_MODULES])}"
+        return f"unknown backend {name!r}; choose one of {', '.join(known())}"
     return _import_errors.get(name, "not loaded")
 
 
