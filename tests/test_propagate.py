@@ -188,6 +188,20 @@ def test_triton_launcher_writes_every_output(residual):
 
 
 @triton_only
+def test_triton_propagate_keeps_indices_in_registers():
+    """return_idx=False: no index buffer at all (the epilogue uses the indices the program holds), same
+    output; with J = 3 and 5 the in-register index tile is wider than J (BLOCK_J = 4, 8)."""
+    from tokenflow.kernels import propagate as kprop
+    for F_, K, S, C, J, R in [(3, 2, 37, 40, 2, 3), (2, 3, 33, 32, 3, 2), (2, 2, 20, 32, 5, 1)]:
+        x, key_feats, key_out, which, weights, res = make(F_, K, S, C, J, R, torch.float32, seed=7)
+        if not kprop.INTERPRET:
+            x, key_feats, key_out, which, weights, res = (t.cuda() for t in (x, key_feats, key_out, which, weights, res))
+        out, idx = kprop.propagate(x, key_feats, which, key_out, weights, res, return_idx=False)
+        assert idx is None
+        torch.testing.assert_close(out.cpu(), reference.propagate(x, key_feats, key_out, which, weights, res).cpu())
+
+
+@triton_only
 def test_triton_backend_declares_what_it_runs():
     from tokenflow.ops.backend_triton import INTERPRET, TritonBackend
     b = backends.get("triton")
@@ -255,10 +269,15 @@ from tokenflow.kernels import propagate as P
 rows = []
 for name, (BM, BN, BK, BC, warps, stages) in P.GPU_CONFIGS.items():
     for feat in (["fp32"] if name == "fp32" else ["fp16", "bf16"]):
-        r = P.sm90_report(P._propagate_kernel, P.sm90_signature(feat),
-                          dict(IS_FP32=feat == "fp32", HAS_OUT=True, HAS_RES=True, BLOCK_M=BM, BLOCK_N=BN,
-                               BLOCK_K=BK, BLOCK_C=BC), warps, stages)
-        rows.append(dict(config=name, dtype=feat, **r))
+        # propagate (indices kept in registers, not stored) and cosine_argmax (indices stored, no epilogue)
+        for has_out, store_idx in ((True, False), (False, True)):
+            # aligned pointers with S, C % 16 == 0 (every SD level), then the generic specialisation
+            for divisible in (("S", "C"), ()):
+                r = P.sm90_report(P._propagate_kernel, P.sm90_signature(feat),
+                                  dict(IS_FP32=feat == "fp32", HAS_OUT=has_out, HAS_RES=has_out, STORE_IDX=store_idx,
+                                       BLOCK_J=2, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_C=BC), warps, stages,
+                                  divisible=divisible)
+                rows.append(dict(config=name, dtype=feat, has_out=has_out, aligned=bool(divisible), **r))
 print("JSON" + json.dumps(rows))
 """
 

@@ -66,7 +66,8 @@ class TritonBackend(Backend):
         self._require("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which, weights=weights,
                       residual=residual)
         with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
-            return _prop.propagate(x, key_feats, which, key_out, weights, residual)[0]
+            # return_idx=False: the indices stay in registers, nothing is allocated besides the output
+            return _prop.propagate(x, key_feats, which, key_out, weights, residual, return_idx=False)[0]
 
 
 register(TritonBackend())
