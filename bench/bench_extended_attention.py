@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, measure, parse_args, backend_runs  # noqa: E402
+from harness import Report, matmul_peak_tflops, parse_args, backend_runs, time_all  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.ops import extended_attention, reference  # noqa: E402
@@ -118,15 +118,7 @@ def main(argv=None) -> int:
         meta = {"S": S, "C": C, "K": K, "heads": C // D, "shared_qk": shared, "flop": flop}
         want = reference.extended_attention(case["q"], case["k"], case["v"], case["heads"], shared_qk=shared)
         run, skipped = methods(case, device)
-        for name, reason in skipped.items():
-            rep.add(meta, name, {"skipped": reason})
-        for name, fn in run.items():
-            row = measure(fn, flop, reps=reps, warmup=1 if quick else 3, device=device)
-            if "median_s" in row and peak:
-                row["pct_of_matmul_peak"] = 100 * row["tflops"] / peak
-            if "median_s" in row:
-                row["max_abs_diff_vs_reference"] = float((fn().float() - want.float()).abs().max())
-            rep.add(meta, name, row)
+        time_all(rep, meta, run, skipped, want, flop=flop, peak=peak, reps=reps, quick=quick, device=device)
         del case, want
     rep.write(args.json)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, measure, parse_args, backend_runs  # noqa: E402
+from harness import Report, matmul_peak_tflops, parse_args, backend_runs, time_all  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.ops import propagate, reference  # noqa: E402
@@ -113,16 +113,8 @@ def main(argv=None) -> int:
         meta = {"S": S, "C": C, "K": K, "B": b, "N": N, "flop": flop}
         want = reference.propagate(**case)
         run, skipped = methods(case, b)
-        for name, reason in skipped.items():
-            rep.add(meta, name, {"skipped": reason})
-        for name, fn in run.items():
-            row = measure(fn, flop, reps=reps, warmup=1 if quick else 3, device=device)
-            if "median_s" in row and peak:
-                row["pct_of_matmul_peak"] = 100 * row["tflops"] / peak
-            if "median_s" in row and name not in ("gemm_only",):
-                got = fn()
-                row["max_abs_diff_vs_reference"] = float((got.float() - want.float()).abs().max())
-            rep.add(meta, name, row)
+        time_all(rep, meta, run, skipped, want, flop=flop, peak=peak, reps=reps, quick=quick, device=device,
+                 unchecked=("gemm_only",))
         del case, want
     rep.write(args.json)
     return 0

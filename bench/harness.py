@@ -145,3 +145,17 @@ def backend_runs(op: str, inputs: dict, call) -> tuple[dict, dict]:
         else:
             run[name] = (lambda n: lambda: call(n))(name)
     return run, skipped
+
+
+def time_all(rep, meta: dict, run: dict, skipped: dict, want, *, flop: float, peak, reps: int, quick: bool,
+             device: str, unchecked=()) -> None:
+    """Time every method of one case into `rep`, with % of the matmul peak and the error vs `want`."""
+    for name, reason in skipped.items():
+        rep.add(meta, name, {"skipped": reason})
+    for name, fn in run.items():
+        row = measure(fn, flop, reps=reps, warmup=1 if quick else 3, device=device)
+        if "median_s" in row and peak:
+            row["pct_of_matmul_peak"] = 100 * row["tflops"] / peak
+        if "median_s" in row and name not in unchecked:
+            row["max_abs_diff_vs_reference"] = float((fn().float() - want.float()).abs().max())
+        rep.add(meta, name, row)

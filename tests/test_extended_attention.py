@@ -13,6 +13,7 @@ import torch
 
 import tokenflow.ops as ops
 from tokenflow.ops import backends
+from sm90 import run_sm90
 
 # Backends implementing the op (the search-only ones would only add skips).
 BACKENDS = [n for n in ops.available() if "extended_attention" in backends.get(n).ops]
@@ -188,17 +189,7 @@ print("JSON" + json.dumps(rows))
 
 @pytest.fixture(scope="module")
 def sm90_rows():
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    if r.returncode != 0:
-        if "ptxas" in r.stderr and ("not found" in r.stderr or "No such file" in r.stderr):
-            pytest.skip("no ptxas in the triton wheel: cannot compile for sm_90 offline")
-        raise AssertionError(r.stderr[-3000:])
-    return json.loads(r.stdout.split("JSON", 1)[1])
+    return run_sm90(SM90_SCRIPT)
 
 
 @pytest.mark.parametrize("d", [40, 64, 80, 160])  # 160 runs as 128 + 32 chunks (it spilled padded to 256)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tokenflow.ops as ops
+from sm90 import run_sm90
 from tokenflow.ops import backends, reference
 
 BACKENDS = ops.available()
@@ -282,15 +283,6 @@ print("JSON" + json.dumps(rows))
 """
 
 
-def run_sm90(script):
-    """Run `script` in a process that compiles (not interprets) Triton kernels; skip if the toolchain can't."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    if r.returncode != 0:
-        if "ptxas" in r.stderr and ("not found" in r.stderr or "No such file" in r.stderr):
-            pytest.skip("no ptxas in the triton wheel: cannot compile for sm_90 offline")
-        raise AssertionError(r.stderr[-3000:])
-    return json.loads(r.stdout.split("JSON", 1)[1])
 
 
 def test_shipped_configs_compile_for_sm90_with_tensor_cores_and_no_spills():
