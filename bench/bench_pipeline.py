@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baseline  # noqa: E402,F401  (registers the "baseline" backend)
+from harness import matmul_peak_tflops  # noqa: E402
 from harness_meta import environment, write_json  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
@@ -43,23 +44,6 @@ def textured_video(n: int, size: int, seed: int = 0) -> torch.Tensor:
         p = (i * 5) % (size - size // 4)
         frames[i, :, p:p + size // 4, p:p + size // 4] = obj
     return frames
-
-
-def bf16_peak_tflops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 def reload_latents_per_call(editor, inv):
@@ -129,7 +113,7 @@ def main(argv=None):
     models = load_models(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     editor = TokenFlowEditor(models)
     cache = Path(tempfile.mkdtemp(prefix="tokenflow-bench-"))
-    peak = bf16_peak_tflops(device)
+    peak = matmul_peak_tflops(torch.bfloat16, str(device))
     scale = (args.size / 512) ** 2
     results = []
     for n in args.frames:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline  # noqa: E402,F401  (registers the "baseline" backend: the reference's pattern)
 from harness import Report, matmul_peak_tflops, parse_args, backend_runs, time_all  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
@@ -58,28 +59,6 @@ def make_case(S, C, K, B, dtype, device, seed=0):
                 residual=residual)
 
 
-def ref_pattern(x, key_feats, key_out, which, weights, residual, B):
-    """The original implementation's pattern, one group at a time (see module docstring)."""
-    N, S, C = x.shape
-    out = torch.empty(R, N, S, C, dtype=key_out.dtype, device=x.device)
-    kn = key_feats / key_feats.norm(dim=-1, keepdim=True)
-    for g in range(N // B):
-        fs = slice(g * B, (g + 1) * B)
-        xn = x[fs].reshape(B * S, C)
-        xn = xn / xn.norm(dim=-1, keepdim=True)
-        cands = [g] if g == 0 else [g, g - 1]
-        sim = xn @ torch.cat([kn[c] for c in cands]).T  # [B*S, J*S]
-        gathered = []
-        for j, c in enumerate(cands):
-            idx = sim[:, j * S:(j + 1) * S].argmax(-1).view(B, S)
-            src = key_out[:, c].unsqueeze(1).expand(R, B, S, C)
-            gathered.append(torch.gather(src, 2, idx.view(1, B, S, 1).expand(R, B, S, C)))
-        w = weights[fs, 0].view(1, B, 1, 1).to(x.dtype)
-        blended = gathered[0] if g == 0 else w * gathered[0] + (1 - w) * gathered[1]
-        out[:, fs] = blended + residual[:, fs]
-    return out
-
-
 def gemm_only(x, key_feats, which, **_):
     N, S, C = x.shape
     return [x[(which[:, j] >= 0)].reshape(-1, C) @ key_feats[0].T for j in range(which.shape[1])]
@@ -89,7 +68,7 @@ def methods(case, b):
     """name -> callable, for the loaded backends that accept `case`, plus the two PyTorch baselines;
     and name -> reason for those that do not."""
     run, skipped = backend_runs("propagate", case, lambda n: propagate(**case, backend=n))
-    run["ref_pattern"] = lambda: ref_pattern(**case, B=b)
+    run["ref_pattern"] = lambda: propagate(**case, backend="baseline")  # bench/baseline.py
     run["gemm_only"] = lambda: gemm_only(**case)
     return run, skipped
 

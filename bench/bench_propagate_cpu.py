@@ -6,9 +6,9 @@ with the residual added. Timed, interleaved round by round so that a noisy machi
   cpu             tokenflow.ops.propagate(..., backend="cpu") (bf16: the vdpbf16ps search where the CPU has
                   AVX512-BF16, see build_info()["cpu_isa"] in the results)
   reference       tokenflow.ops.reference.propagate (blocked PyTorch, the `torch` backend)
-  ref_pattern     the original TokenFlow implementation's pattern: normalised copies of queries and keys,
-                  the full [B*S, 2S] similarity matrix, index tensors repeated over channels for gather,
-                  blend weights repeated to full size
+  ref_pattern     the original TokenFlow implementation's pattern (bench/baseline.py): normalised copies,
+                  the full [B*S, 2S] similarity matrix in the features' dtype, index tensors repeated over
+                  channels for gather, blend weights repeated to full size
   gemm_only       torch's float32 GEMM for the search alone (B*S x S x C, twice), no argmax, no gather
   gemm_only_native  (bf16 only) the same GEMM in bfloat16, as torch would run it without upcasting
 Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
-from tokenflow.ops import cosine_argmax, propagate, reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline  # noqa: E402,F401  (registers the "baseline" backend: the reference's pattern)
+
+from tokenflow.ops import cosine_argmax, propagate, reference  # noqa: E402
 
 B, S, C, R, J = 8, 1024, 640, 3, 2
 # Blend weights of the spec (section 5) for B = 8: w for the group's own keyframe, 1 - w for the previous.
@@ -47,27 +50,6 @@ def make_inputs(dtype: torch.dtype, seed: int = 0):
     w = torch.tensor(W_CUR)
     weights = torch.stack([w, 1 - w], dim=1)
     return x, key_feats, key_out, which, weights, residual
-
-
-def ref_pattern(x, key_feats, key_out, which, weights, residual):
-    """The original implementation's way: normalised copies, full similarity matrix, repeated indices."""
-    dtype = key_out.dtype
-    xf = x.float().reshape(B * S, C)
-    xn = xf / xf.norm(dim=-1, keepdim=True)
-    kn = key_feats.float()
-    kn = kn / kn.norm(dim=-1, keepdim=True)
-    sim = xn @ torch.cat([kn[1], kn[0]], dim=0).T  # [B*S, 2S]
-    idx_cur = sim[:, :S].argmax(dim=-1).view(B, S)
-    idx_prev = sim[:, S:].argmax(dim=-1).view(B, S)
-    w = weights[:, 0].float().view(B, 1, 1).repeat(1, S, C)
-    out = torch.empty(R, B, S, C, dtype=dtype)
-    for r in range(R):
-        src_cur = key_out[r, 1].float().unsqueeze(0).expand(B, S, C)
-        src_prev = key_out[r, 0].float().unsqueeze(0).expand(B, S, C)
-        g_cur = torch.gather(src_cur, 1, idx_cur.unsqueeze(-1).repeat(1, 1, C))
-        g_prev = torch.gather(src_prev, 1, idx_prev.unsqueeze(-1).repeat(1, 1, C))
-        out[r] = (w * g_cur + (1 - w) * g_prev + residual[r].float()).to(dtype)
-    return out
 
 
 def gemm_only(x, key_feats, native=False):
@@ -98,7 +80,7 @@ def bench_dtype(dtype: torch.dtype, rounds: int) -> dict:
     methods = {
         "cpu": lambda: propagate(*inputs, backend="cpu"),
         "reference": lambda: reference.propagate(*inputs),
-        "ref_pattern": lambda: ref_pattern(*inputs),
+        "ref_pattern": lambda: propagate(*inputs, backend="baseline"),  # bench/baseline.py
         "gemm_only": lambda: gemm_only(x, key_feats),
     }
     if dtype != torch.float32:

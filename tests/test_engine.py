@@ -132,9 +132,9 @@ def test_sdedit_starts_at_the_intended_timestep():
 
     ts = sampling_timesteps(build_tiny_models()[4], 50)
     assert ts[0] == 981 and ts[-1] == 1
-    i = start_index(50, "sdedit", 0.9, ts, 1000)
+    i = start_index("sdedit", 0.9, ts, 1000)
     assert ts[i] == 881 and len(ts) - i == 45
-    assert start_index(50, "pnp", 0.9, ts, 1000) == 0
+    assert start_index("pnp", 0.9, ts, 1000) == 0
 
 
 def test_forced_backend_applies_to_the_ops_it_implements(tiny_editor, clip, tiny_cfg):

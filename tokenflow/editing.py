@@ -31,7 +31,7 @@ class EditPlan:
     groups_per_call: int  # groups sharing one UNet call in the group passes
 
 
-def start_index(n_timesteps: int, mode: str, start: float, timesteps: list[int], num_train: int) -> int:
+def start_index(mode: str, start: float, timesteps: list[int], num_train: int) -> int:
     """PnP starts at the first sampling timestep. SDEdit starts at the first timestep <= start * T
     (the intended t; the reference's slicing started one step later)."""
     if mode != "sdedit":

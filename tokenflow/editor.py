@@ -100,11 +100,11 @@ class TokenFlowEditor:
             return None
         return depth_maps(self.models, frames, depth, chunk)
 
-    def _key(self, frames, cfg, depth) -> dict:
+    def _key(self, frames, cfg, depth, keep: list[int]) -> dict:
         return {"model": self.models.name, "weights": self.models.fingerprint(), "dtype": str(self.models.dtype),
                 "size": list(frames.shape[2:]), "frames": frames_digest(frames), "prompt": cfg.inversion_prompt,
                 "steps": cfg.n_inversion_steps,
-                "keep": kept_timesteps(self.models.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps),
+                "keep": keep,
                 "depth": None if depth is None else frames_digest((depth * 127.5 + 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1))}
 
     # -- stages --------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class TokenFlowEditor:
         chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
         d = self._depth(frames, cfg, depth, chunk)
         keep = kept_timesteps(m.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps)
-        store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d), chunk)
+        store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d, keep), chunk)
         with _timed(timings, "encode"):
             x0 = store.load_x0()
             if x0 is None:
@@ -170,7 +170,7 @@ class TokenFlowEditor:
 
         timesteps = sampling_timesteps(m.scheduler_config, cfg.n_timesteps)
         sched = DDIMScheduler.from_config(m.scheduler_config)
-        first = start_index(cfg.n_timesteps, cfg.mode, cfg.start, timesteps, sched.config.num_train_timesteps)
+        first = start_index(cfg.mode, cfg.start, timesteps, sched.config.num_train_timesteps)
         x0 = inversion.x0
         T = inversion.timesteps[-1]
         if cfg.mode == "sdedit" and not cfg.use_ddim_noise:
