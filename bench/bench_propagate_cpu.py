@@ -3,18 +3,22 @@
 Shapes: the 32x32 level of SD 2.1 (spec section 9): a group of B = 8 frames, S = 1024 tokens, C = 640
 channels, two candidate keyframes per frame (the group's own and the previous group's), R = 3 branches,
 with the residual added. Timed, interleaved round by round so that a noisy machine slows all alike:
-  cpu             tokenflow.ops.propagate(..., backend="cpu") (bf16: the vdpbf16ps search where the CPU has
-                  AVX512-BF16, see build_info()["cpu_isa"] in the results)
+  cpu             tokenflow.ops.propagate(..., backend="cpu") (where the CPU has AVX512-BF16, see
+                  build_info()["cpu_isa"] in the results: bf16 features searched with vdpbf16ps; float32
+                  features pre-searched in bf16 and rescored exactly in float32, counters in "presearch")
+  cpu_fp32_search (float32 only) the same with TOKENFLOW_CPU_PRESEARCH=0: the float32 search alone
   reference       tokenflow.ops.reference.propagate (blocked PyTorch, the `torch` backend)
   ref_pattern     the original TokenFlow implementation's pattern (bench/baseline.py): normalised copies,
                   the full [B*S, 2S] similarity matrix in the features' dtype, index tensors repeated over
                   channels for gather, blend weights repeated to full size
   gemm_only       torch's float32 GEMM for the search alone (B*S x S x C, twice), no argmax, no gather
   gemm_only_native  (bf16 only) the same GEMM in bfloat16, as torch would run it without upcasting
-Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
+Two kinds of inputs: "random" (independent Gaussian tokens) and "video" (a smooth random field over the 32x32
+grid for the keyframes, the frames shifted copies plus noise: near-duplicate tokens, as flat image regions
+give, which widen the pre-search's rescoring window). Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
 speed-ups, agreement with the reference, machine and versions).
 
-    python bench/bench_propagate_cpu.py [--rounds 7] [--dtypes float32 bfloat16] [--out PATH]
+    python bench/bench_propagate_cpu.py [--rounds 7] [--dtypes float32 bfloat16] [--inputs random video] [--out PATH]
 """
 from __future__ import annotations
 
@@ -40,10 +44,19 @@ B, S, C, R, J = 8, 1024, 640, 3, 2
 W_CUR = [0.622, 0.651, 0.679, 0.706, 0.731, 0.711, 0.697, 0.687]
 
 
-def make_inputs(dtype: torch.dtype, seed: int = 0):
+def make_inputs(dtype: torch.dtype, kind: str = "random", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, S, C, generator=g).to(dtype)
-    key_feats = torch.randn(2, S, C, generator=g).to(dtype)  # keyframe 0: previous group's, 1: this group's
+    if kind == "random":
+        x = torch.randn(B, S, C, generator=g).to(dtype)
+        key_feats = torch.randn(2, S, C, generator=g).to(dtype)  # keyframe 0: previous group's, 1: this group's
+    else:  # "video": smooth keyframe features over the 32x32 grid, frames shifted noisy copies
+        side = int(S ** 0.5)
+        field = torch.nn.functional.interpolate(torch.randn(2, C, side // 4, side // 4, generator=g),
+                                                size=(side, side), mode="bicubic", align_corners=False)
+        key_feats = field.flatten(2).transpose(1, 2).contiguous()
+        x = torch.stack([torch.roll(key_feats[1 - f % 2].view(side, side, C), shifts=(f % 3, f % 2), dims=(0, 1))
+                         for f in range(B)]).view(B, S, C) + 0.05 * torch.randn(B, S, C, generator=g)
+        x, key_feats = x.to(dtype), key_feats.to(dtype)
     key_out = torch.randn(R, 2, S, C, generator=g).to(dtype)
     residual = torch.randn(R, B, S, C, generator=g).to(dtype)
     which = torch.tensor([[1, 0]] * B)
@@ -74,8 +87,32 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "cpu_isa_flags": isa, "platform": platform.platform()}
 
 
-def bench_dtype(dtype: torch.dtype, rounds: int) -> dict:
-    inputs = make_inputs(dtype)
+def presearch_counters(x, key_feats, which) -> dict:
+    """The kernel's own counters for one search: rows pre-searched, candidates rescored, rows re-searched."""
+    from tokenflow import _C
+    from tokenflow.ops.backend_cpu import DTYPE_CODES
+
+    idx = torch.empty(B, J, S, dtype=torch.int64)
+    stats = torch.zeros(3, dtype=torch.int64)
+    _C.propagate_cpu(x.data_ptr(), key_feats.data_ptr(), 0, which.data_ptr(), 0, 0, 0, idx.data_ptr(), B, J, 2, 0,
+                     S, C, DTYPE_CODES[x.dtype], 0, 0, torch.get_num_threads(), presearch=True,
+                     stats=stats.data_ptr())
+    rows, rescored, fallback = stats.tolist()
+    return {"rows": rows, "rescored_per_row": round(rescored / max(rows, 1), 2), "rows_searched_again": fallback}
+
+
+def without_presearch(fn):
+    def run():
+        os.environ["TOKENFLOW_CPU_PRESEARCH"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["TOKENFLOW_CPU_PRESEARCH"]
+    return run
+
+
+def bench_dtype(dtype: torch.dtype, kind: str, rounds: int) -> dict:
+    inputs = make_inputs(dtype, kind)
     x, key_feats = inputs[0], inputs[1]
     methods = {
         "cpu": lambda: propagate(*inputs, backend="cpu"),
@@ -85,6 +122,8 @@ def bench_dtype(dtype: torch.dtype, rounds: int) -> dict:
     }
     if dtype != torch.float32:
         methods["gemm_only_native"] = lambda: gemm_only(x, key_feats, native=True)
+    else:
+        methods["cpu_fp32_search"] = without_presearch(methods["cpu"])
 
     # Agreement first (also the warm-up): the same indices as the reference on these random inputs,
     # outputs equal up to float32 summation order and the output dtype's rounding.
@@ -109,20 +148,24 @@ def bench_dtype(dtype: torch.dtype, rounds: int) -> dict:
                      "search_gflops_at_min": round(search_flop / min(ts) / 1e9, 1)}
     cpu = res["cpu"]["min_s"]
     speedups = {f"cpu_vs_{n}": round(res[n]["min_s"] / cpu, 2) for n in res if n != "cpu"}
-    return {"dtype": str(dtype).replace("torch.", ""), "methods": res, "speedup_min": speedups,
-            "agreement": agreement}
+    out = {"dtype": str(dtype).replace("torch.", ""), "inputs": kind, "methods": res, "speedup_min": speedups,
+           "agreement": agreement}
+    if dtype == torch.float32:
+        out["presearch"] = presearch_counters(x, key_feats, inputs[3])
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--inputs", nargs="+", default=["random", "video"], choices=["random", "video"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "propagate_cpu.json"))
     args = ap.parse_args(argv)
 
     from tokenflow import _C  # fails clearly if the extension is not built
 
-    results = [bench_dtype(getattr(torch, d), args.rounds) for d in args.dtypes]
+    results = [bench_dtype(getattr(torch, d), kind, args.rounds) for kind in args.inputs for d in args.dtypes]
     report = {
         "benchmark": "propagate_cpu",
         "shape": {"B": B, "S": S, "C": C, "R": R, "J": J, "keyframes": 2, "residual": True},
@@ -139,7 +182,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
         line = ", ".join(f"{n} {v['min_s'] * 1e3:.1f} ms" for n, v in r["methods"].items())
-        print(f"{r['dtype']}: {line}; speed-up {r['speedup_min']}; {r['agreement']}")
+        print(f"{r['inputs']} {r['dtype']}: {line}; speed-up {r['speedup_min']}; {r['agreement']}"
+              f"{'; ' + str(r['presearch']) if 'presearch' in r else ''}")
     print(f"wrote {out}")
     return 0
 

@@ -93,18 +93,22 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t x, std::uintptr_t key_feats, std::uintptr_t key_out, std::uintptr_t which,
          std::uintptr_t weights, std::uintptr_t residual, std::uintptr_t out, std::uintptr_t idx, int64_t F,
          int64_t J, int64_t K, int64_t R, int64_t S, int64_t C, int feat_dtype, int out_dtype, int res_dtype,
-         int num_threads) {
+         int num_threads, bool presearch, std::uintptr_t stats) {
         PropagateArgs a = make_args(x, key_feats, key_out, which, weights, residual, out, idx, F, J, K, R, S, C,
                                     feat_dtype, out_dtype, res_dtype, num_threads);
+        a.presearch = presearch;
+        a.stats = ptr<int64_t>(stats);
         py::gil_scoped_release nogil;
         tokenflow::propagate_cpu(a);
       },
       py::arg("x"), py::arg("key_feats"), py::arg("key_out"), py::arg("which"), py::arg("weights"),
       py::arg("residual"), py::arg("out"), py::arg("idx"), py::arg("F"), py::arg("J"), py::arg("K"), py::arg("R"),
       py::arg("S"), py::arg("C"), py::arg("feat_dtype"), py::arg("out_dtype"), py::arg("res_dtype"),
-      py::arg("num_threads"),
+      py::arg("num_threads"), py::arg("presearch") = true, py::arg("stats") = 0,
       "Fused propagation on the CPU over raw pointers (0 = null); see csrc/propagate.h for the contract. "
-      "out = 0 computes idx only. Raises ValueError on bad arguments.");
+      "out = 0 computes idx only. presearch: bf16 pre-search with exact float32 rescoring for float32/float16 "
+      "features where the CPU has AVX512-BF16; stats: optional int64[3] counters (propagate.h). "
+      "Raises ValueError on bad arguments.");
 
 #if defined(TF_WITH_CUDA)
   m.def(

@@ -27,6 +27,13 @@ struct PropagateArgs {
   int64_t F = 0, J = 0, K = 0, R = 0, S = 0, C = 0;
   int feat_dtype = kFloat32, out_dtype = kFloat32, res_dtype = kFloat32;
   int num_threads = 1;  // CPU threads (<= 0: the OpenMP default); unused by the CUDA kernel
+  // CPU only. float32/float16 features on CPUs with AVX512-BF16: search in bf16 first, then rescore in
+  // float32 every candidate the bf16 error bound cannot rule out (same indices as the float32 search,
+  // bit for bit; propagate_cpu.cpp). false: the float32 search alone.
+  bool presearch = true;
+  // CPU only, optional [3] counters, added to: rows pre-searched in bf16, candidates rescored in float32,
+  // rows searched again in float32 because their window overflowed.
+  int64_t* stats = nullptr;
 };
 
 }  // namespace tokenflow

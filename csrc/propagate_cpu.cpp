@@ -7,15 +7,9 @@
 // avx512bf16, each with its own -m flags) and propagate_cpu_dispatch.cpp picks the widest one the CPU
 // supports at run time, so a wheel built here runs on any x86-64 and still uses AVX-512 where it exists.
 // The kernel is written with GCC/Clang vector extensions: one source, vector width W chosen by the ISA.
-// The avx512bf16 variant is the avx512 one plus a vdpbf16ps search for bf16 features (propagate_bf16_dot below).
-//
-// Not done (float32 is at its FMA peak, ~1.4x the clean PyTorch reference on 2 Zen 4 cores): a bf16
-// pre-search for float32 features with exact float32 rescoring. Sound only with a window: round the
-// normalised candidates and the (power-of-2 scaled) query to bf16, then every candidate whose bf16 score is
-// within 2e of the row's best must be rescored in float32, e <= (2^-7 + C 2^-23) |x| (+ a tiny absolute
-// term for vdpbf16ps's flush to zero). Cheap on random data (a few candidates per row), but near-duplicate
-// tokens (flat image regions) put many candidates in the window, so it needs a per-block fallback to the
-// float32 micro-kernel to keep its worst case no slower than today.
+// The avx512bf16 variant is the avx512 one plus two vdpbf16ps searches: for bf16 features
+// (propagate_bf16_dot below), and for float32 / float16 features a bf16 pre-search with exact float32
+// rescoring (propagate_presearch below): the float32 search's indices, bit for bit, near the bf16 speed.
 //
 // Layout of the search (BLIS-style packing, so the inner loop only streams two contiguous panels):
 //   Bp: every referenced keyframe, normalised (k / max(|k|, 1e-12), as the reference) and converted to
@@ -31,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -279,6 +274,36 @@ int resolve_threads(int requested) {
 #endif
 }
 
+// Every referenced keyframe's candidates, normalised as the reference does (k / max(|k|, 1e-12): a
+// division, not a reciprocal), in float32, row-major: Kn[slot][S][C].
+void normalise_candidates(const PropagateArgs& a, const std::vector<int64_t>& slot_kf, float* Kn, int nthreads) {
+  const int64_t S = a.S, C = a.C, n = int64_t(slot_kf.size()) * S;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t qt = 0; qt < n; ++qt) {
+    float* row = Kn + qt * C;
+    load_row(a.key_feats, a.feat_dtype, (slot_kf[size_t(qt / S)] * S + qt % S) * C, C, row);
+    double ss = 0.0;
+    for (int64_t c = 0; c < C; ++c) ss += double(row[c]) * double(row[c]);
+    const float nrm = std::max(float(std::sqrt(ss)), 1e-12f);
+    for (int64_t c = 0; c < C; ++c) row[c] /= nrm;
+  }
+}
+
+// Panel p of one keyframe's normalised rows (Kn_slot, [S][C]) for the float32 micro-kernel: NR candidates
+// channel-major, panel[c][0..NR), candidates past S zero.
+void panelize(const float* Kn_slot, int64_t S, int64_t C, int64_t p, float* __restrict panel) {
+  for (int l = 0; l < NR; ++l) {
+    const int64_t t = p * NR + l;
+    for (int64_t c = 0; c < C; ++c) panel[c * NR + l] = t < S ? Kn_slot[t * C + c] : 0.f;
+  }
+}
+
+// Rows [0, n) of a row-major block (stride C) into an MR-row micro-panel micro[c][i]; missing rows are 0.
+void pack_micro_f32(const float* rows_f32, int64_t n, int64_t C, float* __restrict dst) {
+  for (int64_t i = 0; i < MR; ++i)
+    for (int64_t c = 0; c < C; ++c) dst[c * MR + i] = i < n ? rows_f32[i * C + c] : 0.f;
+}
+
 #if TF_BF16_DOT
 // ---------------------------------------------------------------------------------------------------
 // bf16 features on CPUs with AVX512-BF16: the search runs on the bf16 values themselves with vdpbf16ps
@@ -421,6 +446,297 @@ void propagate_bf16_dot(const PropagateArgs& a, const std::vector<int64_t>& slot
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// float32 and float16 features on CPUs with AVX512-BF16: a bf16 pre-search, then exact float32 rescoring
+// of the few candidates the bf16 error cannot rule out. The indices are the float32 search's, bit for bit:
+//   s(t)  = the float32 similarity of query a and normalised candidate k_t, an FMA chain over c (what the
+//           float32 micro-kernel computes in each lane, and what rescore() computes again);
+//   s~(t) = the vdpbf16ps similarity of a~ = bf16(a) and k~_t = bf16(k_t).
+// |s~(t) - s(t)| <= e with e = |a~ - a| max|k~| + |a| max|k~ - k| (Cauchy-Schwarz on the rounding errors,
+// with their actual norms), + gamma_C (|a~| max|k~| + |a| max|k|) for the two float32 summations, + a
+// 2^-126 term for vdpbf16ps's flush of denormals (max over the keyframe's candidates, per query row).
+// So s~(t*) >= s(t*) - e >= s(t~) - e >= s~(t~) - 2e for the float32 winner t* and the bf16 winner t~: every
+// candidate within 2e of the bf16 row maximum is rescored with s(t), ties to the lowest index as before.
+// The window is usually a handful of candidates; a row that collects more than kWindowCap (near-duplicate
+// tokens: flat image regions) is searched again with the float32 micro-kernel, one MR-row micro-panel at a
+// time, so the worst case costs the bf16 search on top of today's float32 one, and the answer never changes.
+constexpr int kWindowCap = 32;
+
+struct Window {  // per query row of a work unit
+  float runmax, width;
+  int count;
+  bool overflow;
+};
+
+// Fold one bf16 micro-tile into the rows' windows: update each row's running maximum, then keep every
+// candidate within `width` of it (candidates arrive in increasing t; compaction keeps that order).
+__attribute__((always_inline)) inline void window_fold(const vf (&acc)[MR_B][NV], int rows_here, int32_t base,
+                                                       int valid, Window* win, int32_t* cand_t, float* cand_s) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int i = 0; i < MR_B && i < rows_here; ++i) {
+    Window& w = win[i];
+    __m512 s[NV];
+    __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      s[v] = (__m512)acc[i][v];
+      if (valid < NR)  // padded candidates of the last panel
+        s[v] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                  _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(v * W)),
+                                                          _mm512_set1_epi32(valid)),
+                                  s[v]);
+      m = _mm512_max_ps(m, s[v]);
+    }
+    const float tile_max = _mm512_reduce_max_ps(m);
+    if (tile_max > w.runmax) w.runmax = tile_max;
+    if (w.overflow) continue;
+    const float thr = w.runmax - w.width;
+    const __m512 thr_v = _mm512_set1_ps(thr);
+    for (int v = 0; v < NV && !w.overflow; ++v) {
+      uint32_t bits = _mm512_cmp_ps_mask(s[v], thr_v, _CMP_GE_OQ);
+      while (bits) {
+        const int l = __builtin_ctz(bits);
+        bits &= bits - 1;
+        int32_t* ct = cand_t + i * kWindowCap;
+        float* cs = cand_s + i * kWindowCap;
+        if (w.count == kWindowCap) {  // drop what the risen maximum has ruled out
+          int n = 0;
+          for (int k = 0; k < w.count; ++k)
+            if (cs[k] >= thr) ct[n] = ct[k], cs[n] = cs[k], ++n;
+          w.count = n;
+          if (n == kWindowCap) {
+            w.overflow = true;
+            break;
+          }
+        }
+        ct[w.count] = base + v * W + l;
+        cs[w.count] = s[v][l];
+        ++w.count;
+      }
+    }
+  }
+}
+
+// s(t) for candidates t (increasing) of one query row, as the float32 micro-kernel's lanes compute it: an
+// FMA chain from c = 0 (explicit fmaf: written as `s += a * b` the vectoriser turns it into rounded products
+// added in order, which is not the micro-kernel's value). Four chains at a time for latency. Returns the
+// best t, ties to the lowest.
+int32_t rescore(const float* __restrict a, const float* __restrict Kn, int64_t C, const int32_t* ts, int n) {
+  float best = -std::numeric_limits<float>::infinity();
+  int32_t best_t = ts[0];
+  for (int k0 = 0; k0 < n; k0 += 4) {
+    const int m = std::min(4, n - k0);
+    const float* k[4];
+    for (int j = 0; j < 4; ++j) k[j] = Kn + int64_t(ts[k0 + std::min(j, m - 1)]) * C;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+      s0 = __builtin_fmaf(a[c], k[0][c], s0);
+      s1 = __builtin_fmaf(a[c], k[1][c], s1);
+      s2 = __builtin_fmaf(a[c], k[2][c], s2);
+      s3 = __builtin_fmaf(a[c], k[3][c], s3);
+    }
+    const float sj[4] = {s0, s1, s2, s3};
+    for (int j = 0; j < m; ++j)
+      if (sj[j] > best) best = sj[j], best_t = ts[k0 + j];
+  }
+  return best_t;
+}
+
+// Round n floats to bf16 (vcvtneps2bf16: nearest even) into h, and return the sums of x^2, (h - x)^2 and
+// h^2, accumulated in double (float32 squares would underflow for tiny rows; h - x itself is exact by
+// Sterbenz, or -x where a denormal is flushed). The caller turns them into bounds (sum_bound).
+struct RoundSums {
+  double xx, dd, hh;
+};
+inline __m512d sq_acc(__m512 v, __m512d acc) {  // acc + (lower and upper 8 lanes of v)^2, in double
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm512_fmadd_pd(hi, hi, _mm512_fmadd_pd(lo, lo, acc));
+}
+inline RoundSums round_to_bf16(const float* __restrict x, int64_t n, uint16_t* __restrict h) {
+  __m512d vx = _mm512_setzero_pd(), vd = _mm512_setzero_pd(), vh = _mm512_setzero_pd();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + c);
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+    _mm256_mask_storeu_epi16(h + c, k, b);
+    const __m512 r = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    vx = sq_acc(v, vx), vd = sq_acc(_mm512_sub_ps(r, v), vd), vh = sq_acc(r, vh);
+  }
+  return {_mm512_reduce_add_pd(vx), _mm512_reduce_add_pd(vd), _mm512_reduce_add_pd(vh)};
+}
+
+// sqrt of an upper bound of a double sum of n non-negative terms (a generous (n + 32) 2^-50 for its
+// roundings). inf or NaN when the inputs were.
+inline double sum_bound(double s, int64_t n) { return std::sqrt(s * (1.0 + double(n + 32) * 0x1p-50)); }
+
+struct SlotBound {  // over one keyframe's normalised candidates k and their bf16 roundings k~
+  double kt = 0, dk = 0, kh = 0;  // max |k~|, max |k~ - k|, max |k|
+  bool finite = true;
+};
+
+void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slot_of,
+                         const std::vector<int64_t>& slot_kf, int64_t* idx, int nthreads) {
+  const int64_t F = a.F, J = a.J, S = a.S, C = a.C;
+  const int64_t C2 = (C + 1) / 2;
+  const int64_t NP = (S + NR - 1) / NR;
+  const int64_t n_slots = int64_t(slot_kf.size());
+  const size_t slots = size_t(std::max<int64_t>(n_slots, 1));
+  auto Kn = aligned_buffer<float>(slots * S * C);  // float32 rows: rescoring
+  normalise_candidates(a, slot_kf, Kn.get(), nthreads);
+  // float32 panels for the fallback search, packed by the first thread that needs a keyframe's.
+  auto Bp = aligned_buffer<float>(slots * NP * C * NR);
+  std::unique_ptr<std::once_flag[]> bp_once(new std::once_flag[slots]);
+
+  // bf16 panels of the normalised candidates (pairs interleaved as in propagate_bf16_dot), and the bounds.
+  auto Bh = aligned_buffer<uint32_t>(slots * NP * C2 * NR);
+  auto ones = aligned_buffer<float>(NR);  // micro_kernel_bf16 divides by a norm: these are normalised already
+  std::fill(ones.get(), ones.get() + NR, 1.f);
+  std::vector<SlotBound> bound(slots);
+  std::vector<SlotBound> panel_bound(slots * size_t(NP));
+#pragma omp parallel num_threads(nthreads)
+  {
+    auto h = aligned_buffer<uint16_t>(size_t(C) + 1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t sp = 0; sp < n_slots * NP; ++sp) {
+      const int64_t q = sp / NP, p = sp % NP;
+      uint32_t* panel = Bh.get() + (q * NP + p) * C2 * NR;
+      SlotBound& b = panel_bound[size_t(sp)];
+      for (int l = 0; l < NR; ++l) {
+        const int64_t t = p * NR + l;
+        if (t >= S) {
+          for (int64_t c2 = 0; c2 < C2; ++c2) panel[c2 * NR + l] = 0u;
+          continue;
+        }
+        const RoundSums r = round_to_bf16(Kn.get() + (q * S + t) * C, C, h.get());
+        const double kt = sum_bound(r.hh, C), dk = sum_bound(r.dd, C), kh = sum_bound(r.xx, C);
+        b.kt = std::max(b.kt, kt), b.dk = std::max(b.dk, dk), b.kh = std::max(b.kh, kh);
+        b.finite = b.finite && std::isfinite(kt) && std::isfinite(dk) && std::isfinite(kh);
+        for (int64_t c2 = 0; c2 < C2; ++c2) panel[c2 * NR + l] = bf16_pair(h.get(), c2, C);
+      }
+    }
+  }
+  for (int64_t sp = 0; sp < n_slots * NP; ++sp) {
+    SlotBound& b = bound[size_t(sp / NP)];
+    const SlotBound& pb = panel_bound[size_t(sp)];
+    b.kt = std::max(b.kt, pb.kt), b.dk = std::max(b.dk, pb.dk), b.kh = std::max(b.kh, pb.kh);
+    b.finite = b.finite && pb.finite;
+  }
+  const double u = std::ldexp(1.0, -24), gamma = (C + 1) * u / (1 - (C + 1) * u);
+  const double tiny = std::ldexp(1.0, -126);
+
+  const int64_t n_blocks = (S + MC_B - 1) / MC_B;
+  int64_t n_rows = 0, n_rescored = 0, n_fallback = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : n_rows, n_rescored, n_fallback)
+  {
+    auto Af = aligned_buffer<float>(size_t(MC_B) * size_t(C));  // the unit's query rows, float32
+    auto Ah = aligned_buffer<uint32_t>(size_t(MC_B) * size_t(C2));
+    auto Ap = aligned_buffer<float>(size_t(MR) * size_t(C));
+    auto h = aligned_buffer<uint16_t>(size_t(C) + 1);
+    auto cand_t = aligned_buffer<int32_t>(size_t(MC_B) * kWindowCap);
+    auto cand_s = aligned_buffer<float>(size_t(MC_B) * kWindowCap);
+    auto bestv = aligned_buffer<float>(size_t(MR) * NR);
+    auto besti = aligned_buffer<int32_t>(size_t(MR) * NR);
+    auto row_acc = aligned_buffer<float>(size_t(C));
+    auto row_tmp = aligned_buffer<float>(size_t(C));
+    std::vector<double> an(MC_B), dn(MC_B), tn(MC_B);  // |a|, |a~ - a|, |a~| per row
+    std::vector<Window> win(MC_B);
+    std::vector<char> redo(MC_B);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < F * n_blocks; ++unit) {
+      const int64_t f = unit / n_blocks;
+      const int64_t r0 = (unit % n_blocks) * MC_B;
+      const int64_t rows = std::min<int64_t>(MC_B, S - r0);
+      const int64_t n_micro = (rows + MR_B - 1) / MR_B;
+      bool packed = false;
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t kf = a.which[f * J + j];
+        int64_t* out_idx = idx + (f * J + j) * S + r0;
+        if (kf < 0) {
+          std::fill(out_idx, out_idx + rows, int64_t(0));
+          continue;
+        }
+        if (!packed) {  // float32 rows, their bf16 micro-panels and norms, once per unit
+          for (int64_t i = 0; i < n_micro * MR_B; ++i) {
+            uint32_t* dst = Ah.get() + (i / MR_B) * C2 * MR_B + (i % MR_B);
+            if (i >= rows) {
+              for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = 0u;
+              continue;
+            }
+            float* r = Af.get() + i * C;
+            load_row(a.x, a.feat_dtype, (f * S + r0 + i) * C, C, r);
+            const RoundSums rs = round_to_bf16(r, C, h.get());
+            an[size_t(i)] = sum_bound(rs.xx, C), dn[size_t(i)] = sum_bound(rs.dd, C), tn[size_t(i)] = sum_bound(rs.hh, C);
+            for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = bf16_pair(h.get(), c2, C);
+          }
+          packed = true;
+        }
+        const int64_t q = slot_of[size_t(kf)];
+        const SlotBound& b = bound[size_t(q)];
+        for (int64_t i = 0; i < rows; ++i) {
+          const double e = dn[size_t(i)] * b.kt + an[size_t(i)] * b.dk +
+                           gamma * (tn[size_t(i)] * b.kt + an[size_t(i)] * b.kh) +
+                           tiny * (std::sqrt(double(C)) * (b.kt + tn[size_t(i)]) + 2.0 * C);
+          const double width = 2.0 * e * (1.0 + 1e-6);  // rounded up: float(width) must not fall below 2e
+          // Non-finite inputs, or magnitudes where bf16 or float32 sums could overflow: float32 search.
+          const bool ok = b.finite && std::isfinite(an[size_t(i)]) && an[size_t(i)] < 1e30;
+          win[size_t(i)] = {-std::numeric_limits<float>::infinity(), ok ? float(width) : 0.f, 0, !ok};
+        }
+        const uint32_t* Bk = Bh.get() + q * NP * C2 * NR;
+        for (int64_t p = 0; p < NP; ++p) {
+          const uint32_t* bp = Bk + p * C2 * NR;
+          const int valid = int(std::min<int64_t>(NR, S - p * NR));
+          for (int64_t m = 0; m < n_micro; ++m) {
+            vf acc[MR_B][NV];
+            micro_kernel_bf16(Ah.get() + m * C2 * MR_B, bp, C2, ones.get(), acc);
+            window_fold(acc, int(std::min<int64_t>(MR_B, rows - m * MR_B)), int32_t(p * NR), valid,
+                        win.data() + m * MR_B, cand_t.get() + m * MR_B * kWindowCap,
+                        cand_s.get() + m * MR_B * kWindowCap);
+          }
+        }
+        n_rows += rows;
+        for (int64_t i = 0; i < rows; ++i) {
+          Window& w = win[size_t(i)];
+          redo[size_t(i)] = w.overflow;
+          if (w.overflow) continue;
+          const float thr = w.runmax - w.width;
+          int32_t* ct = cand_t.get() + i * kWindowCap;
+          const float* cs = cand_s.get() + i * kWindowCap;
+          int n = 0;
+          for (int k = 0; k < w.count; ++k)
+            if (cs[k] >= thr) ct[n++] = ct[k];
+          n_rescored += n;
+          out_idx[i] = rescore(Af.get() + i * C, Kn.get() + q * S * C, C, ct, n);
+        }
+        // Rows whose window overflowed: the float32 search, per MR-row micro-panel that holds one.
+        float* Bf = Bp.get() + q * NP * C * NR;
+        for (int64_t i0 = 0; i0 < rows; i0 += MR) {
+          const int64_t nr = std::min<int64_t>(MR, rows - i0);
+          if (std::none_of(redo.begin() + i0, redo.begin() + i0 + nr, [](char c) { return c != 0; })) continue;
+          std::call_once(bp_once[size_t(q)], [&] {
+            for (int64_t p = 0; p < NP; ++p) panelize(Kn.get() + q * S * C, S, C, p, Bf + p * C * NR);
+          });
+          pack_micro_f32(Af.get() + i0 * C, nr, C, Ap.get());
+          std::fill(bestv.get(), bestv.get() + MR * NR, -std::numeric_limits<float>::infinity());
+          std::fill(besti.get(), besti.get() + MR * NR, int32_t(0));
+          for (int64_t p = 0; p < NP; ++p) {
+            vf acc[MR][NV];
+            micro_kernel(Ap.get(), Bf + p * C * NR, C, acc);
+            fold_tile(acc, bestv.get(), besti.get(), int32_t(p * NR), int(std::min<int64_t>(NR, S - p * NR)));
+          }
+          for (int64_t i = i0; i < i0 + nr; ++i)
+            if (redo[size_t(i)]) {
+              out_idx[i] = reduce_row(bestv.get() + (i - i0) * NR, besti.get() + (i - i0) * NR);
+              ++n_fallback;
+            }
+        }
+      }
+      if (a.out) gather_blend(a, idx, f, r0, rows, row_acc.get(), row_tmp.get());
+    }
+  }
+  if (a.stats) a.stats[0] += n_rows, a.stats[1] += n_rescored, a.stats[2] += n_fallback;
+}
 #endif  // TF_BF16_DOT
 
 }  // namespace
@@ -455,33 +771,18 @@ void TF_ENTRY(const PropagateArgs& a) {
     propagate_bf16_dot(a, slot_of, slot_kf, idx, nthreads);
     return;
   }
-#endif
-  auto Bp = aligned_buffer<float>(size_t(std::max<int64_t>(n_slots, 1) * NP * C * NR));
-
-  // -- pack the candidates: normalised float32 panels -------------------------------------------------
-#pragma omp parallel num_threads(nthreads)
-  {
-    auto row = aligned_buffer<float>(size_t(C));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t sp = 0; sp < n_slots * NP; ++sp) {
-      const int64_t q = sp / NP, p = sp % NP;
-      const int64_t kf = slot_kf[size_t(q)];
-      float* panel = Bp.get() + (q * NP + p) * C * NR;
-      for (int l = 0; l < NR; ++l) {
-        const int64_t t = p * NR + l;
-        if (t >= S) {
-          for (int64_t c = 0; c < C; ++c) panel[c * NR + l] = 0.f;
-          continue;
-        }
-        load_row(a.key_feats, a.feat_dtype, kf * feat_frame + t * C, C, row.get());
-        double ss = 0.0;
-        for (int64_t c = 0; c < C; ++c) ss += double(row[c]) * double(row[c]);
-        // As the reference: k / max(|k|, 1e-12) (F.normalize's eps), a division, not a reciprocal.
-        const float nrm = std::max(float(std::sqrt(ss)), 1e-12f);
-        for (int64_t c = 0; c < C; ++c) panel[c * NR + l] = row[c] / nrm;
-      }
-    }
+  if (a.presearch) {
+    propagate_presearch(a, slot_of, slot_kf, idx, nthreads);
+    return;
   }
+#endif
+  // -- pack the candidates: normalised float32 panels -------------------------------------------------
+  auto Kn = aligned_buffer<float>(size_t(std::max<int64_t>(n_slots, 1) * S * C));
+  auto Bp = aligned_buffer<float>(size_t(std::max<int64_t>(n_slots, 1) * NP * C * NR));
+  normalise_candidates(a, slot_kf, Kn.get(), nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t sp = 0; sp < n_slots * NP; ++sp)
+    panelize(Kn.get() + (sp / NP) * S * C, S, C, sp % NP, Bp.get() + sp * C * NR);
 
   // -- search: per (frame, block of MC rows), every candidate keyframe of that frame ------------------
   const int64_t n_blocks = (S + MC - 1) / MC;

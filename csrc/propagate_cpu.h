@@ -21,7 +21,7 @@ namespace detail {
 void propagate_cpu_generic(const PropagateArgs& args);
 void propagate_cpu_avx2(const PropagateArgs& args);
 void propagate_cpu_avx512(const PropagateArgs& args);
-void propagate_cpu_avx512bf16(const PropagateArgs& args);  // avx512 + vdpbf16ps search for bf16 features
+void propagate_cpu_avx512bf16(const PropagateArgs& args);  // avx512 + vdpbf16ps searches (bf16; pre-search)
 }  // namespace detail
 
 }  // namespace tokenflow

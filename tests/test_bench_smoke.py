@@ -1,8 +1,10 @@
-"""The end-to-end benchmark script runs (tiny model, CPU); it measures nothing here."""
+"""The benchmark scripts run (tiny model or one round, CPU); they measure nothing here."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +29,17 @@ def test_micro_benchmarks_smoke(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(out.read_text())
+
+
+def test_cpu_propagation_benchmark_smoke(tmp_path):
+    # One round at the real shape (a few seconds): the record has every method, the counters, agreement.
+    pytest.importorskip("tokenflow._C")
+    out = tmp_path / "propagate_cpu.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_propagate_cpu.py"), "--rounds", "1",
+                        "--dtypes", "float32", "--inputs", "video", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (res,) = json.loads(out.read_text())["results"]
+    assert set(res["methods"]) == {"cpu", "reference", "ref_pattern", "gemm_only", "cpu_fp32_search"}
+    assert res["presearch"]["rows"] in (0, 16384)  # 0 where the CPU has no AVX512-BF16
+    assert res["agreement"]["index_mismatches"] <= 16

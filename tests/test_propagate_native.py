@@ -331,3 +331,99 @@ def test_bf16_ties_go_to_the_lowest_index():
     got = cosine_argmax(x, key_feats, which, backend="cpu")
     assert (got < 5).all()
     assert torch.equal(got, cosine_argmax(x.float(), key_feats.float(), which, backend="cpu"))
+
+
+# -- the bf16 pre-search for float32/float16 features (csrc/propagate_cpu.cpp, propagate_presearch) ----------
+# It must give the float32 search's indices and outputs bit for bit: it only decides which candidates the
+# float32 similarity is computed for. Each case also checks, through the kernel's counters, that the
+# branch it is about (rescoring, or the float32 fallback of an overflowing window) really ran.
+
+def _native(x, key_feats, key_out, which, weights, presearch):
+    from tokenflow import _C
+    from tokenflow.ops.backend_cpu import DTYPE_CODES
+
+    F_, S, C = x.shape
+    R, K = key_out.shape[:2]
+    idx = torch.empty(F_, which.shape[1], S, dtype=torch.int64)
+    out = torch.empty(R, F_, S, C, dtype=key_out.dtype)
+    stats = torch.zeros(3, dtype=torch.int64)
+    w32 = weights.float().contiguous()
+    _C.propagate_cpu(x.data_ptr(), key_feats.data_ptr(), key_out.data_ptr(), which.data_ptr(), w32.data_ptr(),
+                     0, out.data_ptr(), idx.data_ptr(), F_, which.shape[1], K, R, S, C,
+                     DTYPE_CODES[x.dtype], DTYPE_CODES[key_out.dtype], 0, 2,
+                     presearch=presearch, stats=stats.data_ptr())
+    return idx, out, stats.tolist()
+
+
+def _presearch_cases():
+    g = torch.Generator().manual_seed(21)
+    S, C = 300, 64
+    base = torch.randn(C, generator=g)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, k = rnd(3, S, C), rnd(2, S, C)
+    # A smooth field over a 16x20 grid, frames shifted and noisy: near-duplicate tokens, as in video.
+    field = torch.nn.functional.interpolate(rnd(2, C, 4, 5), size=(15, 20), mode="bicubic", align_corners=False)
+    field = field.flatten(2).transpose(1, 2).contiguous()
+    frames = torch.roll(field[[0, 1, 0]], shifts=1, dims=1) + 0.05 * rnd(3, S, C)
+    # Clusters of 6 candidates closer than bf16 resolves (1e-3 relative): the bf16 winner is a guess among
+    # them, and only a window of the right width finds the float32 one.
+    centres = rnd(2, 50, C)
+    clustered = (centres.repeat_interleave(6, dim=1) * (1 + 1e-3 * rnd(2, S, C))).contiguous()
+    near = centres[[0, 1, 0]].repeat_interleave(6, dim=1) + 0.3 * rnd(3, S, C)
+    return {  # name: (x, key_feats, the counter that must be non-zero: 1 rescored, 2 fell back)
+        "random": (x, k, 1),
+        "clustered below bf16 resolution": (near, clustered, 1),
+        "video-like": (frames, field, 1),
+        "random C=33": (rnd(3, 77, 33), rnd(2, 77, 33), 1),
+        "near-identical candidates": (base + 1e-4 * rnd(3, S, C), base + 1e-4 * rnd(2, S, C), 2),
+        "identical candidates": (x, base.expand(2, S, C).contiguous(), 2),
+        "huge query": (x * 1e25, k, 1),
+        "denormal query": (x * 1e-39, k, 2),
+        "denormal candidates": (x, k * 1e-39, 1),
+        "scales 1e-30..1e30": (x * torch.logspace(-30, 30, C), k, 2),
+        "quantised, exact ties": ((rnd(3, S, C) * 4).round() / 4, (rnd(2, S, C) * 2).round() / 2, 1),
+        "C=1": (rnd(3, S, 1), rnd(2, S, 1), 2),
+    }
+
+
+@pytest.fixture(scope="module")
+def presearch_active():
+    from tokenflow import _C
+
+    if _C.build_info()["cpu_isa"] != "avx512bf16":
+        pytest.skip("the bf16 pre-search needs a CPU with AVX512-BF16 (vdpbf16ps)")
+
+
+_FLOAT32_ONLY = {"huge query", "denormal query", "denormal candidates", "scales 1e-30..1e30"}  # inf / 0 in fp16
+
+
+@pytest.mark.parametrize("case,dtype", [(c, d) for c in _presearch_cases() for d in (torch.float32, torch.float16)
+                                        if d == torch.float32 or c not in _FLOAT32_ONLY],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_presearch_equals_float32_search(presearch_active, case, dtype):
+    x, key_feats, counter = _presearch_cases()[case]
+    x, key_feats = x.to(dtype), key_feats.to(dtype)
+    F_, S, C = x.shape
+    g = torch.Generator().manual_seed(5)
+    key_out = torch.randn(2, 2, S, C, generator=g)
+    which = torch.tensor([[1, 0], [0, -1], [1, 1]])
+    weights = torch.rand(3, 2, generator=g)
+    idx, out, stats = _native(x, key_feats, key_out, which, weights, presearch=True)
+    idx32, out32, none = _native(x, key_feats, key_out, which, weights, presearch=False)
+    assert none == [0, 0, 0]
+    assert stats[0] == F_ * S * 2 - S  # every row of every (frame, keyframe) pair but the which = -1 one
+    assert stats[counter] > 0, f"the branch under test did not run: {stats}"
+    assert torch.equal(idx, idx32)
+    assert torch.equal(out, out32)
+
+
+def test_presearch_flag_is_read_per_call(presearch_active, monkeypatch):
+    # TOKENFLOW_CPU_PRESEARCH=0 selects the float32 search alone; both give the same indices.
+    x, key_feats, _ = _presearch_cases()["random"]
+    which = torch.tensor([[0, 1]] * 3)
+    on = cosine_argmax(x, key_feats, which, backend="cpu")
+    monkeypatch.setenv("TOKENFLOW_CPU_PRESEARCH", "0")
+    from tokenflow.ops.backend_cpu import presearch_enabled
+
+    assert not presearch_enabled()
+    assert torch.equal(on, cosine_argmax(x, key_feats, which, backend="cpu"))
