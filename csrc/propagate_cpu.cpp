@@ -265,6 +265,35 @@ void gather_blend(const PropagateArgs& a, const int64_t* idx, int64_t f, int64_t
   }
 }
 
+// One work unit of every search path: rows [r0, r0 + rows) of frame f, blocks of `block_rows` rows
+// (unit = f * n_blocks + block). pack(f, r0, rows) prepares the unit's query rows once, before the first
+// keyframe it searches; search(kf, out_idx, rows) writes their indices in keyframe kf. The gather-blend of
+// the unit's rows follows right away: the memory-bound gather of one thread then overlaps the
+// compute-bound search of the others, and the indices are still in cache.
+template <class Pack, class Search>
+__attribute__((always_inline)) inline void run_unit(const PropagateArgs& a, int64_t unit, int64_t block_rows,
+                                                    int64_t* idx, Pack& pack, Search& search, float* row_acc,
+                                                    float* row_tmp) {
+  const int64_t n_blocks = (a.S + block_rows - 1) / block_rows;
+  const int64_t f = unit / n_blocks, r0 = (unit % n_blocks) * block_rows;
+  const int64_t rows = std::min<int64_t>(block_rows, a.S - r0);
+  bool packed = false;
+  for (int64_t j = 0; j < a.J; ++j) {
+    const int64_t kf = a.which[f * a.J + j];
+    int64_t* out_idx = idx + (f * a.J + j) * a.S + r0;
+    if (kf < 0) {
+      std::fill(out_idx, out_idx + rows, int64_t(0));
+      continue;
+    }
+    if (!packed) {
+      pack(f, r0, rows);
+      packed = true;
+    }
+    search(kf, out_idx, rows);
+  }
+  if (a.out) gather_blend(a, idx, f, r0, rows, row_acc, row_tmp);
+}
+
 int resolve_threads(int requested) {
 #ifdef _OPENMP
   return requested > 0 ? requested : omp_get_max_threads();
@@ -298,11 +327,6 @@ void panelize(const float* Kn_slot, int64_t S, int64_t C, int64_t p, float* __re
   }
 }
 
-// Rows [0, n) of a row-major block (stride C) into an MR-row micro-panel micro[c][i]; missing rows are 0.
-void pack_micro_f32(const float* rows_f32, int64_t n, int64_t C, float* __restrict dst) {
-  for (int64_t i = 0; i < MR; ++i)
-    for (int64_t c = 0; c < C; ++c) dst[c * MR + i] = i < n ? rows_f32[i * C + c] : 0.f;
-}
 
 #if TF_BF16_DOT
 // ---------------------------------------------------------------------------------------------------
@@ -361,7 +385,7 @@ inline uint32_t bf16_pair(const uint16_t* row, int64_t c2, int64_t C) {
 // The whole kernel for bf16 features: pack, search, gather-blend (the same schedule as the float32 path).
 void propagate_bf16_dot(const PropagateArgs& a, const std::vector<int64_t>& slot_of,
                         const std::vector<int64_t>& slot_kf, int64_t* idx, int nthreads) {
-  const int64_t F = a.F, J = a.J, S = a.S, C = a.C;
+  const int64_t F = a.F, S = a.S, C = a.C;
   const int64_t C2 = (C + 1) / 2;
   const int64_t NP = (S + NR - 1) / NR;
   const int64_t n_slots = int64_t(slot_kf.size());
@@ -402,30 +426,20 @@ void propagate_bf16_dot(const PropagateArgs& a, const std::vector<int64_t>& slot
     auto row_tmp = aligned_buffer<float>(size_t(C));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < F * n_blocks; ++unit) {
-      const int64_t f = unit / n_blocks;
-      const int64_t r0 = (unit % n_blocks) * MC_B;
-      const int64_t rows = std::min<int64_t>(MC_B, S - r0);
-      const int64_t n_micro = (rows + MR_B - 1) / MR_B;
-      bool packed = false;
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t kf = a.which[f * J + j];
-        int64_t* out_idx = idx + (f * J + j) * S + r0;
-        if (kf < 0) {
-          std::fill(out_idx, out_idx + rows, int64_t(0));
-          continue;
-        }
-        if (!packed) {
-          for (int64_t i = 0; i < n_micro * MR_B; ++i) {
-            uint32_t* dst = Ah.get() + (i / MR_B) * C2 * MR_B + (i % MR_B);
-            if (i < rows) {
-              const uint16_t* row = xs + f * feat_frame + (r0 + i) * C;
-              for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = bf16_pair(row, c2, C);
-            } else {
-              for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = 0u;
-            }
+      int64_t n_micro = 0;
+      auto pack = [&](int64_t f, int64_t r0, int64_t rows) {
+        n_micro = (rows + MR_B - 1) / MR_B;
+        for (int64_t i = 0; i < n_micro * MR_B; ++i) {
+          uint32_t* dst = Ah.get() + (i / MR_B) * C2 * MR_B + (i % MR_B);
+          if (i < rows) {
+            const uint16_t* row = xs + f * feat_frame + (r0 + i) * C;
+            for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = bf16_pair(row, c2, C);
+          } else {
+            for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = 0u;
           }
-          packed = true;
         }
+      };
+      auto search = [&](int64_t kf, int64_t* out_idx, int64_t rows) {
         std::fill(bestv.get(), bestv.get() + n_micro * MR_B * NR, -std::numeric_limits<float>::infinity());
         std::fill(besti.get(), besti.get() + n_micro * MR_B * NR, int32_t(0));
         const int64_t q = slot_of[size_t(kf)];
@@ -441,8 +455,8 @@ void propagate_bf16_dot(const PropagateArgs& a, const std::vector<int64_t>& slot
           }
         }
         for (int64_t i = 0; i < rows; ++i) out_idx[i] = reduce_row(bestv.get() + i * NR, besti.get() + i * NR);
-      }
-      if (a.out) gather_blend(a, idx, f, r0, rows, row_acc.get(), row_tmp.get());
+      };
+      run_unit(a, unit, MC_B, idx, pack, search, row_acc.get(), row_tmp.get());
     }
   }
 }
@@ -462,6 +476,12 @@ void propagate_bf16_dot(const PropagateArgs& a, const std::vector<int64_t>& slot
 // tokens: flat image regions) is searched again with the float32 micro-kernel, one MR-row micro-panel at a
 // time, so the worst case costs the bf16 search on top of today's float32 one, and the answer never changes.
 constexpr int kWindowCap = 32;
+
+// Rows [0, n) of a row-major block (stride C) into an MR-row micro-panel micro[c][i]; missing rows are 0.
+void pack_micro_f32(const float* rows_f32, int64_t n, int64_t C, float* __restrict dst) {
+  for (int64_t i = 0; i < MR; ++i)
+    for (int64_t c = 0; c < C; ++c) dst[c * MR + i] = i < n ? rows_f32[i * C + c] : 0.f;
+}
 
 struct Window {  // per query row of a work unit
   float runmax, width;
@@ -578,7 +598,7 @@ struct SlotBound {  // over one keyframe's normalised candidates k and their bf1
 
 void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slot_of,
                          const std::vector<int64_t>& slot_kf, int64_t* idx, int nthreads) {
-  const int64_t F = a.F, J = a.J, S = a.S, C = a.C;
+  const int64_t F = a.F, S = a.S, C = a.C;
   const int64_t C2 = (C + 1) / 2;
   const int64_t NP = (S + NR - 1) / NR;
   const int64_t n_slots = int64_t(slot_kf.size());
@@ -645,33 +665,23 @@ void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slo
     std::vector<char> redo(MC_B);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < F * n_blocks; ++unit) {
-      const int64_t f = unit / n_blocks;
-      const int64_t r0 = (unit % n_blocks) * MC_B;
-      const int64_t rows = std::min<int64_t>(MC_B, S - r0);
-      const int64_t n_micro = (rows + MR_B - 1) / MR_B;
-      bool packed = false;
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t kf = a.which[f * J + j];
-        int64_t* out_idx = idx + (f * J + j) * S + r0;
-        if (kf < 0) {
-          std::fill(out_idx, out_idx + rows, int64_t(0));
-          continue;
-        }
-        if (!packed) {  // float32 rows, their bf16 micro-panels and norms, once per unit
-          for (int64_t i = 0; i < n_micro * MR_B; ++i) {
-            uint32_t* dst = Ah.get() + (i / MR_B) * C2 * MR_B + (i % MR_B);
-            if (i >= rows) {
-              for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = 0u;
-              continue;
-            }
-            float* r = Af.get() + i * C;
-            load_row(a.x, a.feat_dtype, (f * S + r0 + i) * C, C, r);
-            const RoundSums rs = round_to_bf16(r, C, h.get());
-            an[size_t(i)] = sum_bound(rs.xx, C), dn[size_t(i)] = sum_bound(rs.dd, C), tn[size_t(i)] = sum_bound(rs.hh, C);
-            for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = bf16_pair(h.get(), c2, C);
+      int64_t n_micro = 0;
+      auto pack = [&](int64_t f, int64_t r0, int64_t rows) {  // float32 rows, bf16 micro-panels, norms
+        n_micro = (rows + MR_B - 1) / MR_B;
+        for (int64_t i = 0; i < n_micro * MR_B; ++i) {
+          uint32_t* dst = Ah.get() + (i / MR_B) * C2 * MR_B + (i % MR_B);
+          if (i >= rows) {
+            for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = 0u;
+            continue;
           }
-          packed = true;
+          float* r = Af.get() + i * C;
+          load_row(a.x, a.feat_dtype, (f * S + r0 + i) * C, C, r);
+          const RoundSums rs = round_to_bf16(r, C, h.get());
+          an[size_t(i)] = sum_bound(rs.xx, C), dn[size_t(i)] = sum_bound(rs.dd, C), tn[size_t(i)] = sum_bound(rs.hh, C);
+          for (int64_t c2 = 0; c2 < C2; ++c2) dst[c2 * MR_B] = bf16_pair(h.get(), c2, C);
         }
+      };
+      auto search = [&](int64_t kf, int64_t* out_idx, int64_t rows) {
         const int64_t q = slot_of[size_t(kf)];
         const SlotBound& b = bound[size_t(q)];
         for (int64_t i = 0; i < rows; ++i) {
@@ -731,8 +741,8 @@ void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slo
               ++n_fallback;
             }
         }
-      }
-      if (a.out) gather_blend(a, idx, f, r0, rows, row_acc.get(), row_tmp.get());
+      };
+      run_unit(a, unit, MC_B, idx, pack, search, row_acc.get(), row_tmp.get());
     }
   }
   if (a.stats) a.stats[0] += n_rows, a.stats[1] += n_rescored, a.stats[2] += n_fallback;
@@ -742,7 +752,7 @@ void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slo
 }  // namespace
 
 void TF_ENTRY(const PropagateArgs& a) {
-  const int64_t F = a.F, J = a.J, K = a.K, R = a.R, S = a.S, C = a.C;
+  const int64_t F = a.F, J = a.J, K = a.K, S = a.S, C = a.C;
   const int nthreads = resolve_threads(a.num_threads);
   (void)nthreads;  // unused without OpenMP
 
@@ -796,30 +806,20 @@ void TF_ENTRY(const PropagateArgs& a) {
     auto row_tmp = aligned_buffer<float>(size_t(C));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < F * n_blocks; ++unit) {
-      const int64_t f = unit / n_blocks;
-      const int64_t r0 = (unit % n_blocks) * MC;
-      const int64_t rows = std::min<int64_t>(MC, S - r0);
-      const int64_t n_micro = (rows + MR - 1) / MR;
-      bool packed = false;
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t kf = a.which[f * J + j];
-        int64_t* out_idx = idx + (f * J + j) * S + r0;
-        if (kf < 0) {
-          std::fill(out_idx, out_idx + rows, int64_t(0));
-          continue;
-        }
-        if (!packed) {  // once per unit, shared by its J keyframes
-          for (int64_t i = 0; i < n_micro * MR; ++i) {
-            float* dst = Ap.get() + (i / MR) * C * MR + (i % MR);
-            if (i < rows) {
-              load_row(a.x, a.feat_dtype, f * feat_frame + (r0 + i) * C, C, row.get());
-              for (int64_t c = 0; c < C; ++c) dst[c * MR] = row[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c) dst[c * MR] = 0.f;  // padding rows, results dropped
-            }
+      int64_t n_micro = 0;
+      auto pack = [&](int64_t f, int64_t r0, int64_t rows) {  // once per unit, shared by its J keyframes
+        n_micro = (rows + MR - 1) / MR;
+        for (int64_t i = 0; i < n_micro * MR; ++i) {
+          float* dst = Ap.get() + (i / MR) * C * MR + (i % MR);
+          if (i < rows) {
+            load_row(a.x, a.feat_dtype, f * feat_frame + (r0 + i) * C, C, row.get());
+            for (int64_t c = 0; c < C; ++c) dst[c * MR] = row[c];
+          } else {
+            for (int64_t c = 0; c < C; ++c) dst[c * MR] = 0.f;  // padding rows, results dropped
           }
-          packed = true;
         }
+      };
+      auto search = [&](int64_t kf, int64_t* out_idx, int64_t rows) {
         std::fill(bestv.get(), bestv.get() + n_micro * MR * NR, -std::numeric_limits<float>::infinity());
         std::fill(besti.get(), besti.get() + n_micro * MR * NR, int32_t(0));
         const float* Bk = Bp.get() + slot_of[size_t(kf)] * NP * C * NR;
@@ -835,10 +835,8 @@ void TF_ENTRY(const PropagateArgs& a) {
           }
         }
         for (int64_t i = 0; i < rows; ++i) out_idx[i] = reduce_row(bestv.get() + i * NR, besti.get() + i * NR);
-      }
-      // Gather-blend of this unit's rows right away: the memory-bound gather of one thread then overlaps
-      // the compute-bound search of the others, and the indices are still in cache.
-      if (a.out) gather_blend(a, idx, f, r0, rows, row_acc.get(), row_tmp.get());
+      };
+      run_unit(a, unit, MC, idx, pack, search, row_acc.get(), row_tmp.get());
     }
   }
 }

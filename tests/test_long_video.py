@@ -112,7 +112,51 @@ def test_offloaded_records_edit_identically(tiny_editor, clip, tiny_cfg, monkeyp
     inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
     cfg = tiny_cfg.replace(chunk_frames=4)
     kept = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
-    monkeypatch.setattr(editor_module, "offload_records", lambda *a: True)
+    from tokenflow.planner import MemoryPlan
+
+    monkeypatch.setattr(editor_module, "plan_memory", lambda *a, **k: MemoryPlan(4, True))
     off = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
     assert tiny_editor.state.records.offload
     assert torch.equal(kept.frames, off.frames)
+
+
+def _oom_in_keyframe_pass(editor, when):
+    """A fake allocator limit on the keyframe pass: a resnet's conv1 (inside the keyframe chunks) raises OOM
+    on calls of `rows` rows for which when(rows) holds."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = next(m for m in editor.models.unet.modules() if isinstance(m, ResnetBlock2D)).conv1
+
+    def limit(module, args):
+        if editor.state.kind == "keyframe" and when(args[0].shape[0]):
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+    return block.register_forward_pre_hook(limit)
+
+
+def test_oom_in_the_keyframe_pass_halves_the_keyframe_chunk(tiny_editor, clip, tiny_cfg, caplog):
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    K = len(range(0, len(clip), tiny_cfg.batch_size))
+    h = _oom_in_keyframe_pass(tiny_editor, lambda rows: rows > 3)  # more than one keyframe's three rows
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokenflow"):
+            got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert f"keyframe pass ({K} keyframes, {K} per chunk); retrying with {K // 2}" in caplog.text
+    assert tiny_editor.state.keyframe_chunk == 1
+    assert (got.frames.int() - expected.frames.int()).abs().max() <= 1
+
+
+def test_oom_in_every_keyframe_pass_offloads_then_says_what_to_change(tiny_editor, clip, tiny_cfg, caplog):
+    from tokenflow.errors import TokenFlowError
+
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    h = _oom_in_keyframe_pass(tiny_editor, lambda rows: True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokenflow"), pytest.raises(TokenFlowError, match="Lower the resolution"):
+            tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert "keyframe records in host memory" in caplog.text
+    assert tiny_editor.state.records.offload

@@ -55,8 +55,8 @@ class EditConfig:
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available
     backend: str = "auto"  # tokenflow.ops backend (torch, triton, cuda, cpu, faiss) for the ops it implements
-    chunk_frames: int | None = None  # frames per UNet call in group passes and inversion (None: planner)
-    max_gpu_mem: float | None = None  # GiB the planner may use (None: free memory)
+    chunk_frames: int | None = None  # frames per UNet call (inversion, VAE, group passes) and keyframes per chunk (None: planner)
+    max_gpu_mem: float | None = None  # GiB of GPU memory the planner may use, weights included (None: the whole GPU)
     keyframe_window: int | None = None  # opt-in windowed extended attention (approximation; None: exact)
     cache_dir: str | None = None  # latent store (None: $TOKENFLOW_CACHE or ~/.cache/tokenflow)
     reconstruct: bool = False  # decode the inversion back and report PSNR

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from tokenflow.errors import TokenFlowError
 from tokenflow.inversion import model_input
 from tokenflow.keyframes import blend_plan, draw_keyframes
 from tokenflow.progress import bar
@@ -74,6 +75,33 @@ class OOMRetry:
                 log.warning("CUDA out of memory with %d groups per UNet call; retrying with %d", n, self.groups_per_call)
 
 
+def keyframe_pass(state: StepState, run, K: int) -> None:
+    """Run a keyframe pass (`run()`), recording into state.records. On CUDA OOM: halve the keyframes per
+    chunk down to 1, then keep the records in host memory, retrying each time (logged); then give up
+    with what to change. Chunking and offloading are exact, so a retried pass gives the same result."""
+    while True:
+        state.records.clear()
+        try:
+            run()
+            return
+        except torch.cuda.OutOfMemoryError as e:
+            state.records.clear()
+            torch.cuda.empty_cache()
+            chunk = min(state.keyframe_chunk or K, K)
+            if chunk > 1:
+                state.keyframe_chunk = chunk // 2
+                log.warning("CUDA out of memory in the keyframe pass (%d keyframes, %d per chunk); retrying with %d",
+                            K, chunk, state.keyframe_chunk)
+            elif not state.records.offload:
+                state.records.offload = True
+                log.warning("CUDA out of memory in the keyframe pass; retrying with the keyframe records in host memory")
+            else:
+                raise TokenFlowError(
+                    f"the keyframe pass of {K} keyframes does not fit the GPU even one keyframe per chunk with its "
+                    "records in host memory: its self-attention needs every keyframe at once. Lower the "
+                    "resolution, raise --batch-size (fewer keyframes) or edit the video in parts") from e
+
+
 @torch.no_grad()
 def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, source_at, embs: torch.Tensor,
                  depth: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
@@ -110,9 +138,8 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
         keyframes = draw_keyframes(plan.groups, plan.batch_size, gen)
 
         # Keyframe pass: extended attention over all keyframes; records features and outputs.
-        state.records.clear()
         state.kind = KEYFRAME
-        unet(src, x, t, keyframes)
+        keyframe_pass(state, lambda: unet(src, x, t, keyframes), len(keyframes))
 
         # Group passes: propagation from keyframes g and g-1; several groups may share one call.
         state.kind = GROUP
@@ -128,7 +155,7 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
             state.which = torch.where(which >= 0, which - lo, which).to(dev)
             state.weights = weights_all[idx].to(dev)
             guided = unet(src, x, t, idx)
-            x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.cpu()
+            x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.to(x_next.device)
 
         retry.run(groups_call, list(range(G)))
         x = x_next

@@ -26,7 +26,7 @@ from tokenflow.inversion import (decode_latents, encode_frames, invert_into_stor
 from tokenflow.keyframes import make_groups
 from tokenflow.latent_store import LatentStore, frames_digest
 from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
-from tokenflow.planner import offload_records, plan_chunk_frames
+from tokenflow.planner import plan_memory
 from tokenflow.processors import install
 from tokenflow.state import KeyframeRecords, StepState
 
@@ -115,7 +115,7 @@ class TokenFlowEditor:
         timings = {} if _timings is None else _timings
         m = self.models
         frames, _ = self._frames(frames, cfg)
-        chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
+        chunk = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8).chunk_frames
         d = self._depth(frames, cfg, depth, chunk)
         keep = kept_timesteps(m.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps)
         store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d, keep), chunk)
@@ -165,7 +165,8 @@ class TokenFlowEditor:
         op_backends = forced_backends(cfg.backend, m.device, m.dtype)  # a bad --backend fails before any work
         if inversion is None:
             inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
-        chunk = plan_chunk_frames(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
+        mem = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8, keyframes=len(groups))
+        chunk = mem.chunk_frames
         d = inversion.depth if inversion.depth is not None else self._depth(frames, cfg, depth, chunk)
 
         timesteps = sampling_timesteps(m.scheduler_config, cfg.n_timesteps)
@@ -188,7 +189,7 @@ class TokenFlowEditor:
         self.state.backends = op_backends
         self.state.keyframe_window = cfg.keyframe_window
         self.state.keyframe_chunk = chunk
-        self.state.records = KeyframeRecords(offload=offload_records(m, cfg, len(groups), *x.shape[2:]))
+        self.state.records = KeyframeRecords(offload=mem.offload_records)
         with _timed(timings, "edit"):
             x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress)
         with _timed(timings, "decode"):

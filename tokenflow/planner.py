@@ -1,28 +1,44 @@
-"""How many frames go through the UNet (and VAE) at once: from the flag, or from free GPU memory."""
+"""How many frames go through the UNet (and VAE) at once, and where the keyframe records live: from the
+flags, or from the GPU memory budget and a per-model estimate.
+
+The estimate, per UNet row (one frame of one branch), in bytes per latent token per first-level channel
+at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulation of SD 2.1 at 512x512
+(bench/results/memory_sim.json; tests/test_memsim.py checks plans against the simulation):
+  - every frame of a UNet call (group pass, inversion; the keyframe pass's chunks): 48 (sim: 48.0);
+  - every keyframe of the keyframe pass, whatever the chunk: 24 (sim: 22.2). diffusers' forward keeps the
+    residual stream, the skip connections and a few block temporaries of all K keyframes at once, since
+    each self-attention needs every keyframe at that layer;
+  - the keyframe records, exactly (records_bytes), on the GPU unless offloaded to host memory.
+The planner fills 70% of the budget, for allocator fragmentation and library workspaces (not simulated).
+"""
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 
-# Activation bytes per UNet row (one frame, one branch) per latent token per first-level channel,
-# a conservative fit for SD 1.x/2.x inference with SDPA (fp16 at 512x512: about 130 MB per row).
+log = logging.getLogger("tokenflow")
+
 BYTES_PER_TOKEN_CHANNEL = 48
+KEYFRAME_BYTES_PER_TOKEN_CHANNEL = 24
+FILL = 0.7
 CPU_CHUNK_FRAMES = 8
 MAX_CHUNK_FRAMES = 64
 
 
-def plan_chunk_frames(models, cfg, h: int, w: int) -> int:
-    """Frames per UNet call (rounded to whole groups where it can be), within the GPU memory budget."""
-    if cfg.chunk_frames:
-        return cfg.chunk_frames
-    if models.device.type != "cuda":
-        return max(CPU_CHUNK_FRAMES, cfg.batch_size)
-    free, _ = torch.cuda.mem_get_info(models.device)
-    budget = cfg.max_gpu_mem * 2**30 - torch.cuda.memory_allocated(models.device) if cfg.max_gpu_mem else free
-    c0 = models.unet.config.block_out_channels[0]
-    per_frame = 3 * BYTES_PER_TOKEN_CHANNEL * h * w * c0 * torch.finfo(models.dtype).bits // 16
-    frames = int(0.7 * max(budget, 0) // per_frame)
-    frames = max(1, min(frames, MAX_CHUNK_FRAMES))
-    return max(cfg.batch_size, frames // cfg.batch_size * cfg.batch_size) if frames >= cfg.batch_size else frames
+@dataclass
+class MemoryPlan:
+    chunk_frames: int  # frames per UNet call (group passes, inversion, VAE) and keyframes per chunk
+    offload_records: bool  # keyframe records in pinned host memory
+    estimate: int = 0  # bytes the plan expects at its peak beyond the weights (0: not planned, e.g. on the CPU)
+
+
+def budget(cfg, free: int, allocated: int) -> tuple[int, int]:
+    """(bytes the planner may fill with activations, bytes it may use in all) on a GPU with `free` bytes
+    free and `allocated` bytes already held (the weights): --max-gpu-mem, else all of the GPU."""
+    total = int(cfg.max_gpu_mem * 2**30) if cfg.max_gpu_mem else free + allocated
+    return total - allocated, total
 
 
 def records_bytes(unet, K: int, h: int, w: int, dtype: torch.dtype) -> int:
@@ -40,10 +56,45 @@ def records_bytes(unet, K: int, h: int, w: int, dtype: torch.dtype) -> int:
     return total * torch.finfo(dtype).bits // 8
 
 
-def offload_records(models, cfg, K: int, h: int, w: int) -> bool:
-    """Keep the keyframe records in pinned host memory when they would take over a quarter of the GPU budget."""
+def plan_for(unet, dtype: torch.dtype, cfg, h: int, w: int, keyframes: int, free: int, allocated: int) -> MemoryPlan:
+    """The plan for latents h x w and `keyframes` keyframes (0: inversion) within the budget."""
+    scale = h * w * unet.config["block_out_channels"][0] * torch.finfo(dtype).bits // 16
+    per_frame = 3 * BYTES_PER_TOKEN_CHANNEL * scale
+    keyframe_pass = keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL * scale
+    records = records_bytes(unet, keyframes, h, w, dtype)
+    per_keyframe_records = records // max(keyframes, 1)
+    usable, total = budget(cfg, free, allocated)
+    usable = int(FILL * usable)
+    # Records stay on the GPU while they take at most a quarter of the budget and leave room for a group.
+    offload = records > total / 4 or keyframe_pass + records + cfg.batch_size * per_frame > usable
+    if offload:  # each group brings its keyframe's records (and one more for the first group of a call)
+        per_frame += per_keyframe_records // cfg.batch_size
+        fixed = keyframe_pass + per_keyframe_records
+    else:
+        fixed = keyframe_pass + records
+    room = usable - fixed
+    if cfg.chunk_frames:
+        chunk = cfg.chunk_frames
+    else:
+        chunk = max(1, min(room // per_frame, MAX_CHUNK_FRAMES))
+        if chunk >= cfg.batch_size:
+            chunk = chunk // cfg.batch_size * cfg.batch_size
+    # A group call holds whole groups (at least one), at most the whole video (about keyframes x B frames).
+    per_call = min(max(chunk, cfg.batch_size), keyframes * cfg.batch_size) if keyframes else chunk
+    estimate = fixed + per_call * per_frame
+    if room < per_frame:
+        log.warning("the keyframe pass of %d keyframes needs about %.1f GiB, beyond the %.1f GiB the planner may "
+                    "fill; expect CUDA out of memory. Raise --max-gpu-mem, lower the resolution or edit the video "
+                    "in parts", keyframes, estimate / 2**30, usable / 2**30)
+    return MemoryPlan(int(chunk), bool(offload), int(estimate))
+
+
+def plan_memory(models, cfg, h: int, w: int, keyframes: int = 0) -> MemoryPlan:
+    """plan_for on this device's free memory; on the CPU, fixed chunks and no offload."""
     if models.device.type != "cuda":
-        return False
+        return MemoryPlan(cfg.chunk_frames or max(CPU_CHUNK_FRAMES, cfg.batch_size), False)
     free, _ = torch.cuda.mem_get_info(models.device)
-    budget = cfg.max_gpu_mem * 2**30 if cfg.max_gpu_mem else free + torch.cuda.memory_allocated(models.device)
-    return records_bytes(models.unet, K, h, w, models.dtype) > budget / 4
+    plan = plan_for(models.unet, models.dtype, cfg, h, w, keyframes, free, torch.cuda.memory_allocated(models.device))
+    log.info("memory plan: %d frames per UNet call, keyframe records %s, about %.1f GiB of activations",
+             plan.chunk_frames, "in host memory" if plan.offload_records else "on the GPU", plan.estimate / 2**30)
+    return plan

@@ -33,7 +33,10 @@ class KeyframeRecords:
 
     def _keep(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
         if not self.offload or t.device.type == "cpu":
-            return t.contiguous()
+            # A slice (feats are the source rows of norm1's [3K, S, C] output) would keep its whole
+            # storage alive for the rest of the step: keep a compact copy instead.
+            whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            return t if whole else t.clone(memory_format=torch.contiguous_format)
         host = self._pinned.get(key)
         if host is None or host.shape != t.shape or host.dtype != t.dtype:
             host = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -54,7 +57,8 @@ class KeyframeRecords:
         return f.to(device, non_blocking=True), o.to(device, non_blocking=True)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self._feats, self._out) for t in d.values())
+        """Bytes the records hold (their storages: what they keep alive)."""
+        return sum(t.untyped_storage().nbytes() for d in (self._feats, self._out) for t in d.values())
 
 
 @dataclass

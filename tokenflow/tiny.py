@@ -18,6 +18,13 @@ import torch
 
 TINY_MODEL = "tiny-random"
 SD21_RANDOM = "sd21-random"  # the full SD 2.1-base architecture with random weights, for benchmarks
+# SD 2.1-base's UNet (stabilityai/stable-diffusion-2-1-base unet/config.json, the fields that differ from
+# diffusers' defaults); also what tokenflow.memsim simulates for the benchmarks.
+SD21_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", SD21_RANDOM)
 
 
@@ -111,11 +118,7 @@ def _sd21_random(tokenizer):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,

@@ -72,7 +72,7 @@ def check_cosine_argmax(x, key_feats, which):
         _fail(op, f"x is {x.dtype} but key_feats is {key_feats.dtype}")
     if which.dtype not in (torch.int32, torch.int64) or which.dim() != 2 or which.shape[0] != x.shape[0]:
         _fail(op, f"which must be an integer [F, J] tensor with F = {x.shape[0]}; got {which.dtype} {tuple(which.shape)}")
-    if which.numel():
+    if which.numel() and which.device.type != "meta":  # meta tensors hold no values to check
         lo, hi = int(which.min()), int(which.max())
         if lo < -1 or hi >= key_feats.shape[0]:
             _fail(op, f"which holds keyframe indices in [{lo}, {hi}], outside [-1, {key_feats.shape[0] - 1}]")
@@ -94,6 +94,12 @@ def check_propagate(x, key_feats, key_out, which, weights, residual):
             _fail(op, f"residual has shape {tuple(residual.shape)}, expected {(key_out.shape[0], F_, S, C)}")
 
 
+def _shape_only(t: torch.Tensor) -> bool:
+    """Meta tensors (after validation): the registered operator's fake implementation allocates just the
+    output, as the fused backends do (tokenflow.memsim simulates the editing loop's GPU memory that way)."""
+    return t.device.type == "meta"
+
+
 def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
                        shared_qk: bool = False, scale: float | None = None,
                        backend: str | None = None) -> torch.Tensor:
@@ -110,6 +116,8 @@ def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     if torch.compiler.is_compiling():  # one opaque operator node instead of a graph break
         return torch.ops.tokenflow.extended_attention(q, k, v, heads, shared_qk, scale, backend)
     check_extended_attention(q, k, v, heads, shared_qk)
+    if _shape_only(v):
+        return torch.ops.tokenflow.extended_attention(q, k, v, heads, shared_qk, scale, backend)
     b = backends.choose("extended_attention", backend, q=q, k=k, v=v, heads=heads, shared_qk=shared_qk)
     return b.extended_attention(q, k, v, heads, shared_qk=shared_qk, scale=scale)
 
@@ -126,6 +134,8 @@ def cosine_argmax(x: torch.Tensor, key_feats: torch.Tensor, which: torch.Tensor,
     if torch.compiler.is_compiling():
         return torch.ops.tokenflow.cosine_argmax(x, key_feats, which, backend)
     check_cosine_argmax(x, key_feats, which)
+    if _shape_only(x):
+        return torch.ops.tokenflow.cosine_argmax(x, key_feats, which, backend)
     b = backends.choose("cosine_argmax", backend, x=x, key_feats=key_feats, which=which)
     return b.cosine_argmax(x, key_feats, which)
 
@@ -146,6 +156,8 @@ def propagate(x: torch.Tensor, key_feats: torch.Tensor, key_out: torch.Tensor, w
     if torch.compiler.is_compiling():
         return torch.ops.tokenflow.propagate(x, key_feats, key_out, which, weights, residual, backend)
     check_propagate(x, key_feats, key_out, which, weights, residual)
+    if _shape_only(x):
+        return torch.ops.tokenflow.propagate(x, key_feats, key_out, which, weights, residual, backend)
     b = backends.choose("propagate", backend, x=x, key_feats=key_feats, key_out=key_out, which=which,
                         weights=weights, residual=residual)
     return b.propagate(x, key_feats, key_out, which, weights, residual)

@@ -1,0 +1,64 @@
+"""tokenflow.memsim (the editing loop on the meta device, live bytes counted) and the planner checked
+against it at SD 2.1-base 512x512, the shapes the planner's constants were fitted to."""
+import pytest
+import torch
+
+from tokenflow.config import EditConfig
+from tokenflow.memsim import LiveBytes, simulate_edit
+from tokenflow.planner import BYTES_PER_TOKEN_CHANNEL, plan_for, records_bytes
+from tokenflow.tiny import SD21_UNET_CONFIG
+
+GiB = 2**30
+
+
+def test_live_bytes_counts_what_is_alive_at_once():
+    with torch.device("meta"):
+        mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).half()
+        x = torch.empty(32, 64, dtype=torch.half)
+    with LiveBytes() as lb, torch.no_grad():
+        y = mlp(x)
+        peak_one = lb.peak
+        y.t()  # a view: no new storage
+        assert lb.live == y.numel() * 2
+        y = mlp(x)  # the previous y is alive while the new one is computed
+    # Linear's output and GELU's output coexist (32 x 256 halves each); the weights were made outside.
+    assert peak_one == 2 * 32 * 256 * 2
+    assert lb.peak == peak_one + 32 * 64 * 2
+    del y
+    assert lb.live == 0
+
+
+def test_tiny_edit_simulation_grows_with_the_chunk_and_offloading_frees_the_records():
+    from tokenflow.tiny import TINY_MODEL, build_tiny_models
+
+    unet = build_tiny_models(TINY_MODEL, device="meta")[3]
+    sim = lambda chunk, off: simulate_edit(unet.config, frames=48, height=64, width=64, chunk_frames=chunk,  # noqa: E731
+                                           offload_records=off, dtype=torch.float32).peak_bytes
+    assert sim(8, False) < sim(16, False) < sim(32, False)  # 1, 2, 4 groups of 8 frames per call
+    records = records_bytes(unet, 6, 8, 8, torch.float32)
+    assert sim(8, False) - sim(8, True) >= 0.9 * records
+
+
+def test_group_pass_activations_match_the_planner_constant():
+    # 16 frames, 2 keyframes, 8 or 16 frames per call: the group pass peaks. What one more frame costs,
+    # per row (frame x branch) per latent token per first-level channel: the planner's constant within 10%.
+    sims = [simulate_edit(SD21_UNET_CONFIG, frames=16, height=512, width=512, chunk_frames=c, offload_records=True)
+            for c in (8, 16)]
+    assert all("group" in s.peak_at for s in sims)
+    per = (sims[1].peak_bytes - sims[0].peak_bytes) / (8 * 3 * 64 * 64 * 320)
+    assert abs(per - BYTES_PER_TOKEN_CHANNEL) / BYTES_PER_TOKEN_CHANNEL < 0.1, per
+
+
+@pytest.mark.parametrize("frames,max_gpu_mem", [(400, 20), (600, 20)])  # records on the GPU; offloaded
+def test_plans_stay_within_the_budget_in_simulation(frames, max_gpu_mem):
+    from tokenflow.memsim import meta_unet
+
+    unet = meta_unet(SD21_UNET_CONFIG)
+    weights = 2.4 * GiB  # SD 2.1 UNet + VAE + text encoder in fp16
+    cfg = EditConfig(prompt="x", max_gpu_mem=max_gpu_mem)
+    K = frames // cfg.batch_size
+    plan = plan_for(unet, torch.float16, cfg, 64, 64, K, 70 * GiB, int(weights))
+    sim = simulate_edit(SD21_UNET_CONFIG, frames=frames, height=512, width=512, chunk_frames=plan.chunk_frames,
+                        offload_records=plan.offload_records)
+    assert sim.peak_bytes <= plan.estimate <= 1.4 * sim.peak_bytes  # the estimate is safe and not wasteful
+    assert sim.peak_bytes + weights <= 0.75 * max_gpu_mem * GiB  # room left for fragmentation and workspaces

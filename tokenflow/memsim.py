@@ -1,0 +1,165 @@
+"""Simulated GPU memory of the editing loop, without a GPU: the real loop on the meta device.
+
+The model is rebuilt from its config on the meta device (shapes only, no data), the TokenFlow processors
+are installed as for an edit, and `edit_latents` runs its first denoising step(s) with every tensor on
+meta, under a dispatch mode that adds up the bytes of the storages alive at each moment. What the
+device holds is modelled as a fused backend would allocate it on a GPU:
+  - `tokenflow.ops` on meta tensors call their registered operators, whose fake implementations allocate
+    just the output (the Triton and CUDA kernels allocate nothing else);
+  - PyTorch SDPA is replaced by an output-sized allocation plus a float32 log-sum-exp per row (flash and
+    memory-efficient attention; the meta kernel would materialise the [L, L] matrix);
+  - offloaded keyframe records live outside the tracked device memory, and each group pass's window
+    of them is a tracked copy, as the host-to-device copy is on a GPU.
+
+Not modelled: the CUDA caching allocator's rounding and fragmentation, cuBLAS / cuDNN workspaces and the
+CUDA context (a few hundred MB), so a GPU's `max_memory_allocated` reads somewhat higher and
+`nvidia-smi` higher still. Numbers from here are labelled "simulated" wherever they are reported.
+
+    from tokenflow.memsim import simulate_edit
+    sim = simulate_edit(models.unet.config, frames=400, height=512, width=512, chunk_frames=16)
+    sim.peak_bytes, sim.weights_bytes, sim.peak_at
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+
+from tokenflow.state import KeyframeRecords
+
+META = torch.device("meta")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created while active and still alive; `peak` is the most at any moment.
+
+    A storage counts from the op that creates it (outputs that alias an input, i.e. views, do not) until
+    its last reference dies (a weakref finalizer on the storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.peak_at = ""  # the op and the pass kind at the peak, for reports
+        self.where = lambda: ""
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int, n: int) -> None:
+        if self._sizes.pop(key, None) is not None:
+            self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self._sizes or key in inputs:
+                continue
+            n = st.nbytes()
+            self._sizes[key] = n
+            self.live += n
+            weakref.finalize(st, self._free, key, n)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_at = f"{func} ({self.where()})"
+        return out
+
+
+class HostRecords(KeyframeRecords):
+    """Offloaded records in a simulation: kept outside the tracked memory, windows copied in (tracked)."""
+
+    def _keep(self, key, t):
+        with _disable_current_modes():
+            return torch.empty(t.shape, dtype=t.dtype, device=META)
+
+    def window(self, layer, lo, hi, device):
+        f, o = super().window(layer, lo, hi, device)
+        return f.clone(), o.clone()
+
+
+def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    query.new_empty(query.shape[:-1], dtype=torch.float32)  # the log-sum-exp flash attention keeps per row
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+@contextlib.contextmanager
+def _flash_attention():
+    real = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _flash_like_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+@dataclass
+class SimulatedMemory:
+    peak_bytes: int  # activations, records and inputs alive at once during the simulated work
+    weights_bytes: int  # the UNet's parameters and buffers (the VAE and text encoder are not counted)
+    peak_at: str  # the op and the pass (keyframe / group) where the peak was reached
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes + self.weights_bytes
+
+
+def meta_unet(config, dtype: torch.dtype = torch.float16):
+    """The UNet of `config` (a diffusers UNet2DConditionModel config) on the meta device, in `dtype`."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(META):
+        unet = UNet2DConditionModel.from_config(dict(config))
+    # nn.Module.to: diffusers' own warns about keeping fp32 modules, which a from-config model has none of.
+    return torch.nn.Module.to(unet, dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_frames: int, batch_size: int = 8,
+                  offload_records: bool = False, dtype: torch.dtype = torch.float16,
+                  qk_injection: bool = True, steps: int = 1, scheduler_config: dict | None = None) -> SimulatedMemory:
+    """Peak device memory of `steps` PnP editing steps of a `frames`-frame video at height x width pixels,
+    with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`)."""
+    from diffusers import DDIMScheduler
+
+    from tokenflow.editing import EditPlan, edit_latents
+    from tokenflow.keyframes import make_groups
+    from tokenflow.models import Models
+    from tokenflow.processors import install
+    from tokenflow.state import StepState
+
+    unet = meta_unet(unet_config, dtype)
+    sched = scheduler_config or dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                   beta_end=0.012, steps_offset=1).config)
+    state = StepState(keyframe_chunk=chunk_frames)
+    state.records = HostRecords(offload=True) if offload_records else KeyframeRecords()
+    install(unet, state)
+    groups = make_groups(frames, batch_size, False)
+    timesteps = DDIMScheduler.from_config(sched)
+    timesteps.set_timesteps(max(steps, 1))
+    plan = EditPlan(groups=groups, batch_size=batch_size, guidance_scale=7.5, timesteps=timesteps.timesteps.tolist(),
+                    first_step=0, n_qk_steps=steps if qk_injection else 0, n_conv_steps=steps, seed=0,
+                    groups_per_call=max(1, chunk_frames // batch_size))
+    h, w = height // 8, width // 8
+    c_in = unet.config.in_channels
+    depth = torch.empty(frames, 1, h, w, device=META) if c_in == 5 else None
+    cross = unet.config.cross_attention_dim
+    models = Models(None, None, None, unet, sched, "meta")
+    tracker = LiveBytes()
+    tracker.where = lambda: state.kind
+    with tracker, _flash_attention():
+        # Inputs of the loop as the GPU sees them: the latents stay on the host, so they start outside.
+        with _disable_current_modes():
+            x = torch.empty(frames, 4, h, w, device=META)
+            src = torch.empty(frames, 4, h, w, device=META)
+            embs = torch.empty(3, 77, cross, device=META, dtype=dtype)
+        edit_latents(models, state, plan, x, lambda t: src, embs, depth, progress=False)
+    weights = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
+    return SimulatedMemory(tracker.peak, weights, tracker.peak_at)
