@@ -3,8 +3,8 @@
 For each video length and GPU budget, the planner (tokenflow/planner.py) picks the frames per UNet call
 and whether the keyframe records go to host memory, exactly as it would on that GPU; then
 tokenflow.memsim runs the first editing step on the meta device and reports the peak bytes alive at
-once (activations, keyframe records, inputs) plus the weights of the UNet, VAE and text encoder. One step
-is enough: every step allocates the same. Simulated, not measured: no allocator fragmentation, no
+once (activations, keyframe records, inputs) plus the weights of the UNet, VAE and text encoder (one step
+is enough: every step allocates the same), and the VAE's encode and decode at the planned frames per call. Simulated, not measured: no allocator fragmentation, no
 cuBLAS/cuDNN workspace, no CUDA context (see tokenflow/memsim.py). Budgets: the whole GPU (78 GiB, an
 H100 80 GB as the device machine reports it) and --max-gpu-mem 20.
 
@@ -24,7 +24,7 @@ from harness_meta import environment, write_json  # noqa: E402
 
 from tokenflow.config import EditConfig  # noqa: E402
 from tokenflow.keyframes import make_groups  # noqa: E402
-from tokenflow.memsim import simulate_edit  # noqa: E402
+from tokenflow.memsim import simulate_edit, simulate_vae  # noqa: E402
 from tokenflow.planner import plan_for, records_bytes  # noqa: E402
 from tokenflow.tiny import SD21_RANDOM, build_tiny_models  # noqa: E402
 
@@ -41,6 +41,7 @@ def row(models, frames: int, size: int, gpu_gib: float, max_gpu_mem: float | Non
     plan = plan_for(unet, dtype, cfg, h, w, K, free, weights)
     chunk, offload = plan.chunk_frames, plan.offload_records
     t0 = time.perf_counter()
+    vae_sim = simulate_vae(vae.config, frames=plan.vae_frames, height=size, width=size, dtype=dtype)
     sim = simulate_edit(unet.config, frames=frames, height=size, width=size, chunk_frames=chunk,
                         batch_size=cfg.batch_size, offload_records=offload, dtype=dtype, scheduler_config=sched)
     return {"frames": frames, "keyframes": K, "budget": f"--max-gpu-mem {max_gpu_mem:g}" if max_gpu_mem else
@@ -49,6 +50,8 @@ def row(models, frames: int, size: int, gpu_gib: float, max_gpu_mem: float | Non
             "planner_estimate_gib": round(plan.estimate / GiB, 3),
             "activations_peak_gib": round(sim.peak_bytes / GiB, 3), "weights_gib": round(weights / GiB, 3),
             "total_gib": round((sim.peak_bytes + weights) / GiB, 3), "peak_at": sim.peak_at,
+            "vae_frames": plan.vae_frames,
+            "vae_peak_gib": {k: round(v / GiB, 3) for k, v in vae_sim.items()},
             "simulation_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -56,11 +59,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Simulated peak GPU memory, PnP edit step, SD 2.1-base {meta['size']}x{meta['size']}, fp16, B = 8 "
              f"(`tokenflow.memsim`: the meta device, not a GPU measurement). Command: `{meta['command']}`.", "",
              "| frames | keyframes | budget | frames per call | records offloaded | records (GiB) | "
-             "activations + records peak (GiB) | with weights (GiB) | peak in |", "|---|---|---|---|---|---|---|---|---|"]
+             "activations + records peak (GiB) | with weights (GiB) | peak in | frames per VAE call | "
+             "VAE decode peak with weights (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['frames']} | {r['keyframes']} | {r['budget']} | {r['chunk_frames']} | "
                      f"{'yes' if r['records_offloaded'] else 'no'} | {r['records_gib']:.2f} | "
-                     f"{r['activations_peak_gib']:.2f} | {r['total_gib']:.2f} | {r['peak_at'].split('(')[-1].rstrip(')')} pass |")
+                     f"{r['activations_peak_gib']:.2f} | {r['total_gib']:.2f} | {r['peak_at'].split('(')[-1].rstrip(')')} pass | "
+                     f"{r['vae_frames']} | {r['vae_peak_gib']['decode'] + r['weights_gib']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,7 @@ def test_offloaded_records_edit_identically(tiny_editor, clip, tiny_cfg, monkeyp
     kept = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
     from tokenflow.planner import MemoryPlan
 
-    monkeypatch.setattr(editor_module, "plan_memory", lambda *a, **k: MemoryPlan(4, True))
+    monkeypatch.setattr(editor_module, "plan_memory", lambda *a, **k: MemoryPlan(4, True, 4))
     off = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
     assert tiny_editor.state.records.offload
     assert torch.equal(kept.frames, off.frames)
@@ -160,3 +160,38 @@ def test_oom_in_every_keyframe_pass_offloads_then_says_what_to_change(tiny_edito
         h.remove()
     assert "keyframe records in host memory" in caplog.text
     assert tiny_editor.state.records.offload
+
+
+def test_oom_in_the_vae_halves_its_frames_per_call(tiny_editor, clip, tiny_cfg, caplog):
+    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
+    expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    vae = tiny_editor.models.vae
+
+    def limit(module, args):
+        if args[0].shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+    h = vae.decoder.register_forward_pre_hook(limit)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokenflow"):
+            got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert "out of memory in decode; retrying with 2 frames" in caplog.text and "retrying with 1 frames" in caplog.text
+    assert (got.frames.int() - expected.frames.int()).abs().max() <= 1  # batch size may change conv rounding
+
+
+def test_a_failed_edit_leaves_the_unet_plain(tiny_editor, clip, tiny_cfg):
+    # An error mid-step (here an OOM that cannot be helped) must not leave the processors in keyframe or
+    # group mode: the next inversion runs plain UNet calls through the same processors.
+    from tokenflow.errors import TokenFlowError
+
+    cfg = tiny_cfg.replace(n_inversion_steps=4, n_timesteps=2)
+    inv = tiny_editor.invert(clip, cfg, progress=False)
+    h = _oom_in_keyframe_pass(tiny_editor, lambda rows: True)
+    try:
+        with pytest.raises(TokenFlowError):
+            tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert tiny_editor.state.kind == "off"
+    tiny_editor.invert(clip, cfg.replace(n_inversion_steps=8, n_timesteps=2), progress=False)  # a fresh inversion

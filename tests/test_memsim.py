@@ -62,3 +62,15 @@ def test_plans_stay_within_the_budget_in_simulation(frames, max_gpu_mem):
                         offload_records=plan.offload_records)
     assert sim.peak_bytes <= plan.estimate <= 1.4 * sim.peak_bytes  # the estimate is safe and not wasteful
     assert sim.peak_bytes + weights <= 0.75 * max_gpu_mem * GiB  # room left for fragmentation and workspaces
+
+
+def test_vae_per_pixel_constant_matches_the_simulation():
+    from tokenflow.planner import VAE_BYTES_PER_PIXEL
+    from tokenflow.memsim import simulate_vae
+    from tokenflow.tiny import SD21_RANDOM, build_tiny_models
+
+    vae = build_tiny_models(SD21_RANDOM, device="meta")[0]
+    sim = simulate_vae(vae.config, frames=2, height=512, width=384)
+    per_pixel = {k: v / (2 * 512 * 384) for k, v in sim.items()}
+    assert per_pixel["encode"] <= per_pixel["decode"] <= VAE_BYTES_PER_PIXEL * 1.02, per_pixel
+    assert per_pixel["decode"] >= 0.9 * VAE_BYTES_PER_PIXEL, per_pixel

@@ -129,36 +129,38 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
         _, u, c = out.chunk(3)
         return u + plan.guidance_scale * (c - u)
 
-    for step in bar(range(plan.first_step, len(plan.timesteps)), "edit", progress, unit="step"):
-        t = plan.timesteps[step]
-        src = source_at(t)
-        state.t, state.step = t, step
-        state.qk_inject = step < plan.n_qk_steps
-        state.conv_inject = step < plan.n_conv_steps
-        keyframes = draw_keyframes(plan.groups, plan.batch_size, gen)
+    try:
+        for step in bar(range(plan.first_step, len(plan.timesteps)), "edit", progress, unit="step"):
+            t = plan.timesteps[step]
+            src = source_at(t)
+            state.t, state.step = t, step
+            state.qk_inject = step < plan.n_qk_steps
+            state.conv_inject = step < plan.n_conv_steps
+            keyframes = draw_keyframes(plan.groups, plan.batch_size, gen)
 
-        # Keyframe pass: extended attention over all keyframes; records features and outputs.
-        state.kind = KEYFRAME
-        keyframe_pass(state, lambda: unet(src, x, t, keyframes), len(keyframes))
+            # Keyframe pass: extended attention over all keyframes; records features and outputs.
+            state.kind = KEYFRAME
+            keyframe_pass(state, lambda: unet(src, x, t, keyframes), len(keyframes))
 
-        # Group passes: propagation from keyframes g and g-1; several groups may share one call.
-        state.kind = GROUP
-        x_next = torch.empty_like(x)
+            # Group passes: propagation from keyframes g and g-1; several groups may share one call.
+            state.kind = GROUP
+            x_next = torch.empty_like(x)
 
-        def groups_call(gs: list[int]):
-            # Offloaded records: copy back only the keyframes these groups blend. On the device: pass
-            # them whole, since a slice of [3, K, S, C] along K is not contiguous and would be copied.
-            lo, hi = (max(gs[0] - 1, 0), gs[-1] + 1) if state.records.offload else (0, G)
-            idx = torch.arange(plan.groups[gs[0]].start, plan.groups[gs[-1]].stop)
-            which = which_all[idx]
-            state.key_lo, state.key_hi = lo, hi
-            state.which = torch.where(which >= 0, which - lo, which).to(dev)
-            state.weights = weights_all[idx].to(dev)
-            guided = unet(src, x, t, idx)
-            x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.to(x_next.device)
+            def groups_call(gs: list[int]):
+                # Offloaded records: copy back only the keyframes these groups blend. On the device: pass
+                # them whole, since a slice of [3, K, S, C] along K is not contiguous and would be copied.
+                lo, hi = (max(gs[0] - 1, 0), gs[-1] + 1) if state.records.offload else (0, G)
+                idx = torch.arange(plan.groups[gs[0]].start, plan.groups[gs[-1]].stop)
+                which = which_all[idx]
+                state.key_lo, state.key_hi = lo, hi
+                state.which = torch.where(which >= 0, which - lo, which).to(dev)
+                state.weights = weights_all[idx].to(dev)
+                guided = unet(src, x, t, idx)
+                x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.to(x_next.device)
 
-        retry.run(groups_call, list(range(G)))
-        x = x_next
-    state.plain()
-    state.records.clear()
+            retry.run(groups_call, list(range(G)))
+            x = x_next
+    finally:  # an error or interruption mid-step must not leave the UNet in keyframe or group mode
+        state.plain()
+        state.records.clear()
     return x

@@ -115,14 +115,15 @@ class TokenFlowEditor:
         timings = {} if _timings is None else _timings
         m = self.models
         frames, _ = self._frames(frames, cfg)
-        chunk = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8).chunk_frames
-        d = self._depth(frames, cfg, depth, chunk)
+        mem = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
+        chunk = mem.chunk_frames
+        d = self._depth(frames, cfg, depth, mem.vae_frames)
         keep = kept_timesteps(m.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps)
         store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d, keep), chunk)
         with _timed(timings, "encode"):
             x0 = store.load_x0()
             if x0 is None:
-                store.save_x0(encode_frames(m, frames, chunk, progress))
+                store.save_x0(encode_frames(m, frames, mem.vae_frames, progress))
                 x0 = store.load_x0()  # the stored copy, so a fresh and a reused inversion edit identically
         emb = m.encode_prompt([cfg.inversion_prompt])
         reused = store.complete
@@ -131,24 +132,25 @@ class TokenFlowEditor:
         inv = Inversion(store, x0, keep, reused, n, depth=d)
         if cfg.reconstruct:
             with _timed(timings, "reconstruct"):
-                inv.reconstruction_psnr = self._reconstruction_psnr(frames, inv, emb, cfg, d, chunk, progress)
+                inv.reconstruction_psnr = self._reconstruction_psnr(frames, inv, emb, cfg, d, mem, progress)
             log.info("reconstruction PSNR: %.2f dB", inv.reconstruction_psnr)
         return inv
 
     @torch.no_grad()
-    def _reconstruction_psnr(self, frames, inv, emb, cfg, depth, chunk, progress) -> float:
+    def _reconstruction_psnr(self, frames, inv, emb, cfg, depth, mem, progress) -> float:
         """DDIM-sample the noisiest kept latent back (no edit, guidance 1) and compare with the input."""
         m = self.models
         sched = DDIMScheduler.from_config(m.scheduler_config)
         sched.set_timesteps(cfg.n_timesteps)
         x = inv.latents_at(inv.timesteps[-1])
+        chunk = mem.chunk_frames
         for t in sched.timesteps:
             for a in range(0, len(x), chunk):
                 xa = x[a:a + chunk].to(m.device)
                 d = None if depth is None else depth[a:a + chunk].to(m.device)
                 out = m.unet(model_input(xa, d).to(m.dtype), t, encoder_hidden_states=emb.expand(len(xa), -1, -1)).sample
                 x[a:a + chunk] = sched.step(out.float(), t, xa).prev_sample.cpu()
-        recon = torch.cat(list(decode_latents(m, x, chunk, progress)))
+        recon = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
         return psnr(recon, frames)
 
     def edit(self, frames: torch.Tensor, cfg: EditConfig, *, progress: bool = True,
@@ -167,7 +169,7 @@ class TokenFlowEditor:
             inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
         mem = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8, keyframes=len(groups))
         chunk = mem.chunk_frames
-        d = inversion.depth if inversion.depth is not None else self._depth(frames, cfg, depth, chunk)
+        d = inversion.depth if inversion.depth is not None else self._depth(frames, cfg, depth, mem.vae_frames)
 
         timesteps = sampling_timesteps(m.scheduler_config, cfg.n_timesteps)
         sched = DDIMScheduler.from_config(m.scheduler_config)
@@ -193,7 +195,7 @@ class TokenFlowEditor:
         with _timed(timings, "edit"):
             x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress)
         with _timed(timings, "decode"):
-            out = torch.cat(list(decode_latents(m, x, chunk, progress)))
+            out = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
         return EditResult(out, timings, peak, inversion.reused, inversion.path)
 

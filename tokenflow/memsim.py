@@ -111,14 +111,37 @@ class SimulatedMemory:
         return self.peak_bytes + self.weights_bytes
 
 
+def _meta_model(cls, config, dtype: torch.dtype):
+    with torch.device(META):
+        model = cls.from_config(dict(config))
+    # nn.Module.to: diffusers' own warns about keeping fp32 modules, which a from-config model has none of.
+    return torch.nn.Module.to(model, dtype).eval().requires_grad_(False)
+
+
 def meta_unet(config, dtype: torch.dtype = torch.float16):
     """The UNet of `config` (a diffusers UNet2DConditionModel config) on the meta device, in `dtype`."""
     from diffusers import UNet2DConditionModel
 
-    with torch.device(META):
-        unet = UNet2DConditionModel.from_config(dict(config))
-    # nn.Module.to: diffusers' own warns about keeping fp32 modules, which a from-config model has none of.
-    return torch.nn.Module.to(unet, dtype).eval().requires_grad_(False)
+    return _meta_model(UNet2DConditionModel, config, dtype)
+
+
+@torch.no_grad()
+def simulate_vae(vae_config, *, frames: int, height: int, width: int,
+                 dtype: torch.dtype = torch.float16) -> dict[str, int]:
+    """Peak bytes of encoding `frames` frames of height x width pixels and of decoding their latents, each
+    on its own as the pipeline runs them (inputs and weights not counted)."""
+    from diffusers import AutoencoderKL
+
+    vae = _meta_model(AutoencoderKL, vae_config, dtype)
+    out = {}
+    with _disable_current_modes():
+        x = torch.empty(frames, 3, height, width, device=META, dtype=dtype)
+        z = torch.empty(frames, vae.config.latent_channels, height // 8, width // 8, device=META, dtype=dtype)
+    for name, run in (("encode", lambda: vae.encode(x).latent_dist.mean), ("decode", lambda: vae.decode(z).sample)):
+        with LiveBytes() as tracker, _flash_attention():
+            run()
+        out[name] = tracker.peak
+    return out
 
 
 @torch.no_grad()

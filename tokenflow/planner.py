@@ -8,7 +8,9 @@ at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulatio
   - every keyframe of the keyframe pass, whatever the chunk: 24 (sim: 22.2). diffusers' forward keeps the
     residual stream, the skip connections and a few block temporaries of all K keyframes at once, since
     each self-attention needs every keyframe at that layer;
-  - the keyframe records, exactly (records_bytes), on the GPU unless offloaded to host memory.
+  - the keyframe records, exactly (records_bytes), on the GPU unless offloaded to host memory;
+  - the VAE, which runs on its own (nothing else held): 1536 bytes per pixel per frame (sim: decoder 1536,
+    encoder 1280; 0.375 GiB per 512x512 frame, twice a UNet frame of three rows).
 The planner fills 70% of the budget, for allocator fragmentation and library workspaces (not simulated).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger("tokenflow")
 
 BYTES_PER_TOKEN_CHANNEL = 48
 KEYFRAME_BYTES_PER_TOKEN_CHANNEL = 24
+VAE_BYTES_PER_PIXEL = 1536
 FILL = 0.7
 CPU_CHUNK_FRAMES = 8
 MAX_CHUNK_FRAMES = 64
@@ -29,8 +32,9 @@ MAX_CHUNK_FRAMES = 64
 
 @dataclass
 class MemoryPlan:
-    chunk_frames: int  # frames per UNet call (group passes, inversion, VAE) and keyframes per chunk
+    chunk_frames: int  # frames per UNet call (group passes, inversion) and keyframes per chunk
     offload_records: bool  # keyframe records in pinned host memory
+    vae_frames: int  # frames per VAE encode / decode call (and depth estimation)
     estimate: int = 0  # bytes the plan expects at its peak beyond the weights (0: not planned, e.g. on the CPU)
 
 
@@ -82,19 +86,23 @@ def plan_for(unet, dtype: torch.dtype, cfg, h: int, w: int, keyframes: int, free
     # A group call holds whole groups (at least one), at most the whole video (about keyframes x B frames).
     per_call = min(max(chunk, cfg.batch_size), keyframes * cfg.batch_size) if keyframes else chunk
     estimate = fixed + per_call * per_frame
+    vae = VAE_BYTES_PER_PIXEL * 64 * h * w * torch.finfo(dtype).bits // 16
+    vae_frames = cfg.chunk_frames or max(1, min(usable // vae, MAX_CHUNK_FRAMES))
     if room < per_frame:
         log.warning("the keyframe pass of %d keyframes needs about %.1f GiB, beyond the %.1f GiB the planner may "
                     "fill; expect CUDA out of memory. Raise --max-gpu-mem, lower the resolution or edit the video "
                     "in parts", keyframes, estimate / 2**30, usable / 2**30)
-    return MemoryPlan(int(chunk), bool(offload), int(estimate))
+    return MemoryPlan(int(chunk), bool(offload), int(vae_frames), int(estimate))
 
 
 def plan_memory(models, cfg, h: int, w: int, keyframes: int = 0) -> MemoryPlan:
     """plan_for on this device's free memory; on the CPU, fixed chunks and no offload."""
     if models.device.type != "cuda":
-        return MemoryPlan(cfg.chunk_frames or max(CPU_CHUNK_FRAMES, cfg.batch_size), False)
+        chunk = cfg.chunk_frames or max(CPU_CHUNK_FRAMES, cfg.batch_size)
+        return MemoryPlan(chunk, False, chunk)
     free, _ = torch.cuda.mem_get_info(models.device)
     plan = plan_for(models.unet, models.dtype, cfg, h, w, keyframes, free, torch.cuda.memory_allocated(models.device))
-    log.info("memory plan: %d frames per UNet call, keyframe records %s, about %.1f GiB of activations",
-             plan.chunk_frames, "in host memory" if plan.offload_records else "on the GPU", plan.estimate / 2**30)
+    log.info("memory plan: %d frames per UNet call, %d per VAE call, keyframe records %s, about %.1f GiB of "
+             "activations", plan.chunk_frames, plan.vae_frames, "in host memory" if plan.offload_records else
+             "on the GPU", plan.estimate / 2**30)
     return plan
