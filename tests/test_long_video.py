@@ -1,4 +1,5 @@
 """Long-video machinery on the CPU: chunking is exact, an OOM halves the chunk and retries."""
+import contextlib
 import logging
 
 import pytest
@@ -23,23 +24,31 @@ def test_200_frames_chunked_equal_one_unchunked_run(tiny_editor, long_clip, tiny
     assert (whole.frames.int() - small.frames.int()).abs().max() <= 1
 
 
+@contextlib.contextmanager
+def fake_oom(module, when):
+    """A fake allocator limit: calls of `module` whose first argument has `rows` rows raise CUDA's OOM error
+    where when(rows) holds."""
+    def limit(_, args):
+        if when(args[0].shape[0]):
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+    h = module.register_forward_pre_hook(limit)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def test_oom_halves_the_groups_per_call_and_retries(tiny_editor, clip, tiny_cfg, monkeypatch, caplog):
     """A fake allocator limit: any UNet call with more than 3 * 4 rows raises CUDA's OOM error."""
     inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
     expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
-    unet = tiny_editor.models.unet
     sizes = []
 
-    def limit(module, args):
-        sizes.append(args[0].shape[0])
-        if tiny_editor.state.kind == "group" and args[0].shape[0] > 12:
-            raise torch.cuda.OutOfMemoryError("fake: out of memory")
-    h = unet.register_forward_pre_hook(limit)
-    try:
-        with caplog.at_level(logging.WARNING, logger="tokenflow"):
-            got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=12), progress=False, inversion=inv)
-    finally:
-        h.remove()
+    def group_call_over_12_rows(rows):
+        sizes.append(rows)
+        return tiny_editor.state.kind == "group" and rows > 12
+    with fake_oom(tiny_editor.models.unet, group_call_over_12_rows), caplog.at_level(logging.WARNING, logger="tokenflow"):
+        got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=12), progress=False, inversion=inv)
     assert "out of memory" in caplog.text and "retrying with 1" in caplog.text
     assert 30 in sizes  # it did try all 3 groups (4 + 4 + 2 frames) in one call first
     assert (got.frames.int() - expected.frames.int()).abs().max() <= 1
@@ -120,29 +129,21 @@ def test_offloaded_records_edit_identically(tiny_editor, clip, tiny_cfg, monkeyp
     assert torch.equal(kept.frames, off.frames)
 
 
-def _oom_in_keyframe_pass(editor, when):
-    """A fake allocator limit on the keyframe pass: a resnet's conv1 (inside the keyframe chunks) raises OOM
-    on calls of `rows` rows for which when(rows) holds."""
+def oom_in_keyframe_pass(editor, when):
+    """fake_oom on a resnet's conv1, which runs inside the keyframe chunks, in keyframe passes only."""
     from diffusers.models.resnet import ResnetBlock2D
 
-    block = next(m for m in editor.models.unet.modules() if isinstance(m, ResnetBlock2D)).conv1
-
-    def limit(module, args):
-        if editor.state.kind == "keyframe" and when(args[0].shape[0]):
-            raise torch.cuda.OutOfMemoryError("fake: out of memory")
-    return block.register_forward_pre_hook(limit)
+    conv = next(m for m in editor.models.unet.modules() if isinstance(m, ResnetBlock2D)).conv1
+    return fake_oom(conv, lambda rows: editor.state.kind == "keyframe" and when(rows))
 
 
 def test_oom_in_the_keyframe_pass_halves_the_keyframe_chunk(tiny_editor, clip, tiny_cfg, caplog):
     inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
     expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
     K = len(range(0, len(clip), tiny_cfg.batch_size))
-    h = _oom_in_keyframe_pass(tiny_editor, lambda rows: rows > 3)  # more than one keyframe's three rows
-    try:
-        with caplog.at_level(logging.WARNING, logger="tokenflow"):
-            got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
-    finally:
-        h.remove()
+    # more than one keyframe's three rows
+    with oom_in_keyframe_pass(tiny_editor, lambda rows: rows > 3), caplog.at_level(logging.WARNING, logger="tokenflow"):
+        got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
     assert f"keyframe pass ({K} keyframes, {K} per chunk); retrying with {K // 2}" in caplog.text
     assert tiny_editor.state.keyframe_chunk == 1
     assert (got.frames.int() - expected.frames.int()).abs().max() <= 1
@@ -152,12 +153,9 @@ def test_oom_in_every_keyframe_pass_offloads_then_says_what_to_change(tiny_edito
     from tokenflow.errors import TokenFlowError
 
     inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
-    h = _oom_in_keyframe_pass(tiny_editor, lambda rows: True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="tokenflow"), pytest.raises(TokenFlowError, match="Lower the resolution"):
-            tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
-    finally:
-        h.remove()
+    with oom_in_keyframe_pass(tiny_editor, lambda rows: True), caplog.at_level(logging.WARNING, logger="tokenflow"), \
+            pytest.raises(TokenFlowError, match="Lower the resolution"):
+        tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
     assert "keyframe records in host memory" in caplog.text
     assert tiny_editor.state.records.offload
 
@@ -165,17 +163,8 @@ def test_oom_in_every_keyframe_pass_offloads_then_says_what_to_change(tiny_edito
 def test_oom_in_the_vae_halves_its_frames_per_call(tiny_editor, clip, tiny_cfg, caplog):
     inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
     expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
-    vae = tiny_editor.models.vae
-
-    def limit(module, args):
-        if args[0].shape[0] > 1:
-            raise torch.cuda.OutOfMemoryError("fake: out of memory")
-    h = vae.decoder.register_forward_pre_hook(limit)
-    try:
-        with caplog.at_level(logging.WARNING, logger="tokenflow"):
-            got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
-    finally:
-        h.remove()
+    with fake_oom(tiny_editor.models.vae.decoder, lambda rows: rows > 1), caplog.at_level(logging.WARNING, logger="tokenflow"):
+        got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
     assert "out of memory in decode; retrying with 2 frames" in caplog.text and "retrying with 1 frames" in caplog.text
     assert (got.frames.int() - expected.frames.int()).abs().max() <= 1  # batch size may change conv rounding
 
@@ -187,11 +176,7 @@ def test_a_failed_edit_leaves_the_unet_plain(tiny_editor, clip, tiny_cfg):
 
     cfg = tiny_cfg.replace(n_inversion_steps=4, n_timesteps=2)
     inv = tiny_editor.invert(clip, cfg, progress=False)
-    h = _oom_in_keyframe_pass(tiny_editor, lambda rows: True)
-    try:
-        with pytest.raises(TokenFlowError):
-            tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
-    finally:
-        h.remove()
+    with oom_in_keyframe_pass(tiny_editor, lambda rows: True), pytest.raises(TokenFlowError):
+        tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
     assert tiny_editor.state.kind == "off"
     tiny_editor.invert(clip, cfg.replace(n_inversion_steps=8, n_timesteps=2), progress=False)  # a fresh inversion
