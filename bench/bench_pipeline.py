@@ -3,7 +3,9 @@
 Builds SD 2.1-base's UNet, VAE and text encoder from their configs with random weights (speed does not
 depend on the weights), inverts a procedurally textured video (never zeros), then edits it, and reports
 per stage: seconds, peak GPU memory, analytic TFLOP (tokenflow.costmodel) and model FLOP utilisation
-against the measured bf16 matmul peak. `--baseline` adds the reference's compute pattern (bench/baseline.py:
+against the measured bf16 matmul peak. The edit stage also gets tokenflow.memsim's simulated peak for the
+same plan (the larger of an editing step and a VAE decode, weights included), to check the simulation
+against the allocator's figure. `--baseline` adds the reference's compute pattern (bench/baseline.py:
 per-head loops, repeated K/V, materialised similarities; one group per UNet call; kept latents reloaded from disk
 before every UNet call) at the same settings and dtype.
 
@@ -29,6 +31,7 @@ from harness_meta import environment, write_json  # noqa: E402
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.config import EditConfig  # noqa: E402
 from tokenflow.editor import TokenFlowEditor  # noqa: E402
+from tokenflow.memsim import simulate_edit, simulate_vae  # noqa: E402
 from tokenflow.models import load_models, resolve_dtype  # noqa: E402
 
 
@@ -82,12 +85,27 @@ def run(editor, frames, cfg, peak_tflops, scale) -> list[dict]:
                 costmodel.inversion_flops(N, cfg.n_inversion_steps, scale))
     hook = reload_latents_per_call(editor, inv) if baseline_pattern else None
     try:
-        stage(f"edit_{cfg.n_timesteps}", lambda: editor.edit(frames, cfg, progress=False, inversion=inv),
-              costmodel.edit_flops(N, cfg.n_timesteps, cfg.batch_size, scale))
+        result = stage(f"edit_{cfg.n_timesteps}", lambda: editor.edit(frames, cfg, progress=False, inversion=inv),
+                       costmodel.edit_flops(N, cfg.n_timesteps, cfg.batch_size, scale))
     finally:
         if hook is not None:
             hook.remove()
+    if not baseline_pattern:
+        rows[-1]["simulated_peak_gib"] = simulated_peak(editor.models, frames, cfg, result.memory_plan) / 2**30
     return rows
+
+
+def simulated_peak(models, frames, cfg, plan) -> int:
+    """tokenflow.memsim's peak for this edit's plan: the larger of a step and a VAE decode, plus the weights."""
+    H, W = frames.shape[2:]
+    step = simulate_edit(models.unet.config, frames=len(frames), height=H, width=W, chunk_frames=plan.chunk_frames,
+                         batch_size=cfg.batch_size, offload_records=plan.offload_records, dtype=models.dtype,
+                         scheduler_config=models.scheduler_config).peak_bytes
+    vae = simulate_vae(models.vae.config, frames=min(plan.vae_frames, len(frames)), height=H, width=W,
+                       dtype=models.dtype)["decode"]
+    weights = sum(p.numel() * p.element_size() for m in (models.unet, models.vae, models.text_encoder)
+                  for p in m.parameters())
+    return max(step, vae) + weights
 
 
 def main(argv=None):
@@ -150,14 +168,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
            f"Command: `{meta['command']}`; model {meta['model']} ({meta['dtype']}), {meta['size']}x{meta['size']}, "
            f"B = {meta['batch_size']}, {meta['steps']} edit steps; bf16 matmul peak "
            f"{meta['bf16_peak_tflops'] and round(meta['bf16_peak_tflops'])} TFLOP/s.", "",
-           "| frames | inversion steps | mode | stage | seconds | peak GPU GiB | TFLOP | MFU |", "|---|---|---|---|---|---|---|---|"]
+           "| frames | inversion steps | mode | stage | seconds | peak GPU GiB | simulated peak GiB | TFLOP | MFU |",
+           "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in rows:
         if r["stage"] == "error":
-            out.append(f"| {r['frames']} | {r['inversion_steps']} | {r['mode']} | {r['error']} | | | | |")
+            out.append(f"| {r['frames']} | {r['inversion_steps']} | {r['mode']} | {r['error']} | | | | | |")
             continue
         out.append(f"| {r['frames']} | {r['inversion_steps']} | {r['mode']} | {r['stage']} | {fmt(r['seconds'])} | "
-                   f"{fmt(r['peak_gpu_mem_gib'])} | {fmt(r['tflop'], 1)} | {fmt(r['mfu'])} |")
+                   f"{fmt(r['peak_gpu_mem_gib'])} | {fmt(r.get('simulated_peak_gib'))} | {fmt(r['tflop'], 1)} | "
+                   f"{fmt(r['mfu'])} |")
     return "\n".join(out) + "\n"
 
 

@@ -18,6 +18,8 @@ def test_pipeline_benchmark_smoke(tmp_path):
     data = json.loads(out.read_text())
     modes = {(row["mode"], row["stage"]) for row in data["rows"]}
     assert modes == {(m, s) for m in ("tokenflow", "reference_pattern") for s in ("invert_2", "edit_2")}
+    (edit,) = [r for r in data["rows"] if (r["mode"], r["stage"]) == ("tokenflow", "edit_2")]
+    assert edit["simulated_peak_gib"] > 0  # tokenflow.memsim for the same plan, next to the measured peak
     assert data["meta"]["smoke"] and data["meta"]["command"].startswith("python bench/bench_pipeline.py")
     assert "| frames |" in md.read_text()
 

@@ -26,7 +26,7 @@ from tokenflow.inversion import (decode_latents, encode_frames, invert_into_stor
 from tokenflow.keyframes import make_groups
 from tokenflow.latent_store import LatentStore, frames_digest
 from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
-from tokenflow.planner import plan_memory
+from tokenflow.planner import MemoryPlan, plan_memory
 from tokenflow.processors import install
 from tokenflow.state import KeyframeRecords, StepState
 
@@ -60,6 +60,7 @@ class EditResult:
     peak_gpu_mem: int | None = None  # bytes, on CUDA
     inversion_reused: bool = False
     inversion_path: Path | None = None
+    memory_plan: MemoryPlan | None = None  # the planner's choice (OOM retries, logged, may have shrunk it)
 
 
 class TokenFlowEditor:
@@ -197,7 +198,7 @@ class TokenFlowEditor:
         with _timed(timings, "decode"):
             out = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
-        return EditResult(out, timings, peak, inversion.reused, inversion.path)
+        return EditResult(out, timings, peak, inversion.reused, inversion.path, mem)
 
 
 def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
