@@ -31,8 +31,9 @@ struct PropagateArgs {
   // float32 every candidate the bf16 error bound cannot rule out (same indices as the float32 search,
   // bit for bit; propagate_cpu.cpp). false: the float32 search alone.
   bool presearch = true;
-  // CPU only, optional [3] counters, added to: rows pre-searched in bf16, candidates rescored in float32,
-  // rows searched again in float32 because their window overflowed.
+  // CPU only, optional [3] counters of the pre-search, added to: rows searched, candidates rescored in
+  // float32, rows searched in float32 instead (their window overflowed, or the thread gave up pre-searching
+  // on near-duplicate data).
   int64_t* stats = nullptr;
 };
 

@@ -652,17 +652,21 @@ void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slo
   {
     auto Af = aligned_buffer<float>(size_t(MC_B) * size_t(C));  // the unit's query rows, float32
     auto Ah = aligned_buffer<uint32_t>(size_t(MC_B) * size_t(C2));
-    auto Ap = aligned_buffer<float>(size_t(MR) * size_t(C));
+    constexpr int64_t kMicroRows = (MC_B + MR - 1) / MR;  // float32 micro-panels in a unit
+    auto Ap = aligned_buffer<float>(size_t(kMicroRows * MR) * size_t(C));
     auto h = aligned_buffer<uint16_t>(size_t(C) + 1);
     auto cand_t = aligned_buffer<int32_t>(size_t(MC_B) * kWindowCap);
     auto cand_s = aligned_buffer<float>(size_t(MC_B) * kWindowCap);
-    auto bestv = aligned_buffer<float>(size_t(MR) * NR);
-    auto besti = aligned_buffer<int32_t>(size_t(MR) * NR);
+    auto bestv = aligned_buffer<float>(size_t(kMicroRows * MR) * NR);
+    auto besti = aligned_buffer<int32_t>(size_t(kMicroRows * MR) * NR);
     auto row_acc = aligned_buffer<float>(size_t(C));
     auto row_tmp = aligned_buffer<float>(size_t(C));
     std::vector<double> an(MC_B), dn(MC_B), tn(MC_B);  // |a|, |a~ - a|, |a~| per row
     std::vector<Window> win(MC_B);
     std::vector<char> redo(MC_B);
+    std::vector<int64_t> micro_row(kMicroRows);  // first row of each float32 micro-panel to search again
+    int64_t seen = 0, seen_redone = 0;            // this thread's rows, and those searched again
+    bool give_up = false;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < F * n_blocks; ++unit) {
       int64_t n_micro = 0;
@@ -684,63 +688,84 @@ void propagate_presearch(const PropagateArgs& a, const std::vector<int64_t>& slo
       auto search = [&](int64_t kf, int64_t* out_idx, int64_t rows) {
         const int64_t q = slot_of[size_t(kf)];
         const SlotBound& b = bound[size_t(q)];
-        for (int64_t i = 0; i < rows; ++i) {
-          const double e = dn[size_t(i)] * b.kt + an[size_t(i)] * b.dk +
-                           gamma * (tn[size_t(i)] * b.kt + an[size_t(i)] * b.kh) +
-                           tiny * (std::sqrt(double(C)) * (b.kt + tn[size_t(i)]) + 2.0 * C);
-          const double width = 2.0 * e * (1.0 + 1e-6);  // rounded up: float(width) must not fall below 2e
-          // Non-finite inputs, or magnitudes where bf16 or float32 sums could overflow: float32 search.
-          const bool ok = b.finite && std::isfinite(an[size_t(i)]) && an[size_t(i)] < 1e30;
-          win[size_t(i)] = {-std::numeric_limits<float>::infinity(), ok ? float(width) : 0.f, 0, !ok};
-        }
-        const uint32_t* Bk = Bh.get() + q * NP * C2 * NR;
-        for (int64_t p = 0; p < NP; ++p) {
-          const uint32_t* bp = Bk + p * C2 * NR;
-          const int valid = int(std::min<int64_t>(NR, S - p * NR));
-          for (int64_t m = 0; m < n_micro; ++m) {
-            vf acc[MR_B][NV];
-            micro_kernel_bf16(Ah.get() + m * C2 * MR_B, bp, C2, ones.get(), acc);
-            window_fold(acc, int(std::min<int64_t>(MR_B, rows - m * MR_B)), int32_t(p * NR), valid,
-                        win.data() + m * MR_B, cand_t.get() + m * MR_B * kWindowCap,
-                        cand_s.get() + m * MR_B * kWindowCap);
+        n_rows += rows;
+        if (give_up) {
+          std::fill(redo.begin(), redo.begin() + rows, char(1));
+        } else {
+          for (int64_t i = 0; i < rows; ++i) {
+            const double e = dn[size_t(i)] * b.kt + an[size_t(i)] * b.dk +
+                             gamma * (tn[size_t(i)] * b.kt + an[size_t(i)] * b.kh) +
+                             tiny * (std::sqrt(double(C)) * (b.kt + tn[size_t(i)]) + 2.0 * C);
+            const double width = 2.0 * e * (1.0 + 1e-6);  // rounded up: float(width) must not fall below 2e
+            // Non-finite inputs, or magnitudes where bf16 or float32 sums could overflow: float32 search.
+            const bool ok = b.finite && std::isfinite(an[size_t(i)]) && an[size_t(i)] < 1e30;
+            win[size_t(i)] = {-std::numeric_limits<float>::infinity(), ok ? float(width) : 0.f, 0, !ok};
+          }
+          const uint32_t* Bk = Bh.get() + q * NP * C2 * NR;
+          for (int64_t p = 0; p < NP; ++p) {
+            const uint32_t* bp = Bk + p * C2 * NR;
+            const int valid = int(std::min<int64_t>(NR, S - p * NR));
+            for (int64_t m = 0; m < n_micro; ++m) {
+              vf acc[MR_B][NV];
+              micro_kernel_bf16(Ah.get() + m * C2 * MR_B, bp, C2, ones.get(), acc);
+              window_fold(acc, int(std::min<int64_t>(MR_B, rows - m * MR_B)), int32_t(p * NR), valid,
+                          win.data() + m * MR_B, cand_t.get() + m * MR_B * kWindowCap,
+                          cand_s.get() + m * MR_B * kWindowCap);
+            }
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            Window& w = win[size_t(i)];
+            redo[size_t(i)] = w.overflow;
+            if (w.overflow) continue;
+            const float thr = w.runmax - w.width;
+            int32_t* ct = cand_t.get() + i * kWindowCap;
+            const float* cs = cand_s.get() + i * kWindowCap;
+            int n = 0;
+            for (int k = 0; k < w.count; ++k)
+              if (cs[k] >= thr) ct[n++] = ct[k];
+            n_rescored += n;
+            out_idx[i] = rescore(Af.get() + i * C, Kn.get() + q * S * C, C, ct, n);
           }
         }
-        n_rows += rows;
-        for (int64_t i = 0; i < rows; ++i) {
-          Window& w = win[size_t(i)];
-          redo[size_t(i)] = w.overflow;
-          if (w.overflow) continue;
-          const float thr = w.runmax - w.width;
-          int32_t* ct = cand_t.get() + i * kWindowCap;
-          const float* cs = cand_s.get() + i * kWindowCap;
-          int n = 0;
-          for (int k = 0; k < w.count; ++k)
-            if (cs[k] >= thr) ct[n++] = ct[k];
-          n_rescored += n;
-          out_idx[i] = rescore(Af.get() + i * C, Kn.get() + q * S * C, C, ct, n);
-        }
-        // Rows whose window overflowed: the float32 search, per MR-row micro-panel that holds one.
-        float* Bf = Bp.get() + q * NP * C * NR;
+        // Rows whose window overflowed: the float32 search over the MR-row micro-panels holding one, in the
+        // float32 path's order (panel outer, micro-panels inner).
+        int64_t n_redo = 0;
         for (int64_t i0 = 0; i0 < rows; i0 += MR) {
           const int64_t nr = std::min<int64_t>(MR, rows - i0);
-          if (std::none_of(redo.begin() + i0, redo.begin() + i0 + nr, [](char c) { return c != 0; })) continue;
+          if (std::any_of(redo.begin() + i0, redo.begin() + i0 + nr, [](char c) { return c != 0; })) {
+            pack_micro_f32(Af.get() + i0 * C, nr, C, Ap.get() + n_redo * MR * C);
+            micro_row[size_t(n_redo++)] = i0;
+          }
+        }
+        int64_t redone = 0;
+        if (n_redo) {
+          float* Bf = Bp.get() + q * NP * C * NR;
           std::call_once(bp_once[size_t(q)], [&] {
             for (int64_t p = 0; p < NP; ++p) panelize(Kn.get() + q * S * C, S, C, p, Bf + p * C * NR);
           });
-          pack_micro_f32(Af.get() + i0 * C, nr, C, Ap.get());
-          std::fill(bestv.get(), bestv.get() + MR * NR, -std::numeric_limits<float>::infinity());
-          std::fill(besti.get(), besti.get() + MR * NR, int32_t(0));
+          std::fill(bestv.get(), bestv.get() + n_redo * MR * NR, -std::numeric_limits<float>::infinity());
+          std::fill(besti.get(), besti.get() + n_redo * MR * NR, int32_t(0));
           for (int64_t p = 0; p < NP; ++p) {
-            vf acc[MR][NV];
-            micro_kernel(Ap.get(), Bf + p * C * NR, C, acc);
-            fold_tile(acc, bestv.get(), besti.get(), int32_t(p * NR), int(std::min<int64_t>(NR, S - p * NR)));
-          }
-          for (int64_t i = i0; i < i0 + nr; ++i)
-            if (redo[size_t(i)]) {
-              out_idx[i] = reduce_row(bestv.get() + (i - i0) * NR, besti.get() + (i - i0) * NR);
-              ++n_fallback;
+            const int valid = int(std::min<int64_t>(NR, S - p * NR));
+            for (int64_t m = 0; m < n_redo; ++m) {
+              vf acc[MR][NV];
+              micro_kernel(Ap.get() + m * MR * C, Bf + p * C * NR, C, acc);
+              fold_tile(acc, bestv.get() + m * MR * NR, besti.get() + m * MR * NR, int32_t(p * NR), valid);
             }
+          }
+          for (int64_t m = 0; m < n_redo; ++m)
+            for (int64_t i = micro_row[size_t(m)]; i < std::min<int64_t>(micro_row[size_t(m)] + MR, rows); ++i)
+              if (redo[size_t(i)]) {
+                const int64_t l = m * MR + (i - micro_row[size_t(m)]);
+                out_idx[i] = reduce_row(bestv.get() + l * NR, besti.get() + l * NR);
+                ++redone;
+              }
         }
+        n_fallback += redone;
+        // Near-duplicate data (most windows overflow): this thread stops pre-searching, so the worst case
+        // costs about the float32 search alone. The answer is the same either way.
+        seen += rows, seen_redone += redone;
+        give_up = give_up || (seen >= 4 * MC_B && 2 * seen_redone > seen);
       };
       run_unit(a, unit, MC_B, idx, pack, search, row_acc.get(), row_tmp.get());
     }
