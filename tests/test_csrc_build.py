@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,11 +61,22 @@ def test_cuda_source_compiles(arch, tmp_path):
         pytest.skip("nvcc not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
     # The header CMake would generate (configure_file of csrc/build_config.h.in).
     (tmp_path / "tf_build_config.h").write_text(f'#pragma once\n#define TF_CUDA_ARCHS "{arch}"\n')
-    cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings", f"-I{CSRC}",
-           f"-I{tmp_path}", str(CSRC / "propagate_cuda.cu"), "-o", str(tmp_path / "propagate_cuda.o")]
+    cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings", "-Xptxas", "-v",
+           f"-I{CSRC}", f"-I{tmp_path}", str(CSRC / "propagate_cuda.cu"), "-o", str(tmp_path / "propagate_cuda.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "propagate_cuda.o").stat().st_size > 0
+    # Every kernel fits its registers (ptxas -v): no stack frame, no spills.
+    report = proc.stdout + proc.stderr
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(frames) >= 4 and all(f == ("0", "0", "0") for f in frames), report
+    # The search runs on tensor cores: WMMA in the PTX for both feature dtypes (f16 and bf16 inputs).
+    ptx = tmp_path / "propagate_cuda.ptx"
+    cmd = [nvcc, "-ptx", "-std=c++17", "-O3", f"-arch={arch}", f"-I{CSRC}", f"-I{tmp_path}",
+           str(CSRC / "propagate_cuda.cu"), "-o", str(ptx)]
+    assert subprocess.run(cmd, capture_output=True, timeout=170).returncode == 0
+    mma = set(re.findall(r"wmma\.mma\.sync\.aligned\.row\.col\.m16n16k16\.f32\.(\w+)", ptx.read_text()))
+    assert {"bf16", "f32"} <= mma, mma  # .f32.bf16.bf16.f32 (bf16 inputs) and .f32.f32 (f16 inputs)
 
 
 def test_cpu_only_cmake_build(tmp_path):
