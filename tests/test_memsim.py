@@ -74,3 +74,20 @@ def test_vae_per_pixel_constant_matches_the_simulation():
     per_pixel = {k: v / (2 * 512 * 384) for k, v in sim.items()}
     assert per_pixel["encode"] <= per_pixel["decode"] <= VAE_BYTES_PER_PIXEL * 1.02, per_pixel
     assert per_pixel["decode"] >= 0.9 * VAE_BYTES_PER_PIXEL, per_pixel
+
+
+def test_planner_flags_and_an_impossible_budget(caplog):
+    import logging
+
+    from tokenflow.memsim import meta_unet
+
+    unet = meta_unet(SD21_UNET_CONFIG)
+    w = int(2.4 * GiB)
+    fixed = plan_for(unet, torch.float16, EditConfig(prompt="x", chunk_frames=12), 64, 64, 50, 70 * GiB, w)
+    assert (fixed.chunk_frames, fixed.vae_frames) == (12, 12)  # --chunk-frames wins for the UNet and the VAE
+    roomy = plan_for(unet, torch.float16, EditConfig(prompt="x"), 64, 64, 5, 70 * GiB, w)
+    assert not roomy.offload_records and roomy.chunk_frames == 64 and roomy.vae_frames >= 32
+    with caplog.at_level(logging.WARNING, logger="tokenflow"):
+        tight = plan_for(unet, torch.float16, EditConfig(prompt="x", max_gpu_mem=6), 64, 64, 125, 70 * GiB, w)
+    assert tight.offload_records and tight.chunk_frames == 1
+    assert "keyframe pass of 125 keyframes needs about" in caplog.text
