@@ -49,6 +49,19 @@ def test_group_pass_activations_match_the_planner_constant():
     assert abs(per - BYTES_PER_TOKEN_CHANNEL) / BYTES_PER_TOKEN_CHANNEL < 0.1, per
 
 
+def test_keyframe_pass_activations_match_the_planner_constant():
+    # 200 and 296 frames (25 and 37 keyframes), 8 frames per call, records offloaded: the keyframe pass
+    # peaks, and what one more keyframe costs per row per latent token per first-level channel is the
+    # planner's constant within 10% (it rounds the simulated 22.2 up).
+    from tokenflow.planner import KEYFRAME_BYTES_PER_TOKEN_CHANNEL
+
+    sims = [simulate_edit(SD21_UNET_CONFIG, frames=n, height=512, width=512, chunk_frames=8, offload_records=True)
+            for n in (200, 296)]
+    assert all("keyframe" in s.peak_at for s in sims)
+    per = (sims[1].peak_bytes - sims[0].peak_bytes) / (12 * 3 * 64 * 64 * 320)
+    assert 0.9 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL <= per <= KEYFRAME_BYTES_PER_TOKEN_CHANNEL, per
+
+
 @pytest.mark.parametrize("frames,max_gpu_mem", [(400, 20), (600, 20)])  # records on the GPU; offloaded
 def test_plans_stay_within_the_budget_in_simulation(frames, max_gpu_mem):
     from tokenflow.memsim import meta_unet
