@@ -23,8 +23,9 @@ def clip():
 @pytest.fixture
 def tiny_cfg(tmp_path):
     from tokenflow.config import EditConfig
+    # resume=False: tests edit one inversion repeatedly and count UNet calls (the checkpoint tests turn it on)
     return EditConfig(prompt="a red car", model="tiny-random", batch_size=4, n_inversion_steps=10, n_timesteps=5,
-                      cache_dir=str(tmp_path / "cache"))
+                      cache_dir=str(tmp_path / "cache"), resume=False)
 
 
 @pytest.fixture(scope="session")

@@ -180,3 +180,36 @@ def test_a_failed_edit_leaves_the_unet_plain(tiny_editor, clip, tiny_cfg):
         tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
     assert tiny_editor.state.kind == "off"
     tiny_editor.invert(clip, cfg.replace(n_inversion_steps=8, n_timesteps=2), progress=False)  # a fresh inversion
+
+
+def test_an_interrupted_edit_resumes_at_the_next_step(tiny_editor, clip, tiny_cfg):
+    """Interrupt after 3 of the steps; the rerun does only the rest and gives the same frames as one
+    uninterrupted run; a third run re-edits nothing. Other settings do not pick the checkpoint up."""
+    cfg = tiny_cfg.replace(n_timesteps=5, n_inversion_steps=10, seed=3, resume=True)
+    inv = tiny_editor.invert(clip, cfg, progress=False)
+    whole = tiny_editor.edit(clip, cfg.replace(cache_dir=str(inv.path.parent.parent / "other")), progress=False)
+    assert whole.resumed_steps == 0
+
+    calls, armed = [], [True]
+    unet = tiny_editor.models.unet
+
+    def interrupt(module, args):  # Ctrl-C once, at the start of step 3
+        if tiny_editor.state.kind == "keyframe":
+            calls.append(tiny_editor.state.step)
+            if tiny_editor.state.step == 3 and armed:
+                armed.clear()
+                raise KeyboardInterrupt
+    h = unet.register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+        calls.clear()
+        resumed = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    finally:
+        h.remove()
+    assert resumed.resumed_steps == 3 and calls == [3, 4]  # steps 0-2 were saved; only 3 and 4 ran
+    assert torch.equal(resumed.frames, whole.frames)
+    again = tiny_editor.edit(clip, cfg, progress=False, inversion=inv)
+    assert again.resumed_steps == 5 and torch.equal(again.frames, whole.frames)
+    assert tiny_editor.edit(clip, cfg.replace(guidance_scale=5.0), progress=False, inversion=inv).resumed_steps == 0
+    assert tiny_editor.edit(clip, cfg.replace(resume=False), progress=False, inversion=inv).resumed_steps == 0

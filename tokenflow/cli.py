@@ -411,6 +411,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     out_fps = fps / sel["stride"]
     print(f"{PROG}: done: {len(res.frames)} frames {W}x{H} at {_fps(out_fps)} fps | {_fmt_timings(timings)} | "
           f"peak GPU memory {peak} | inversion {'reused' if res.inversion_reused else 'computed'} | "
+          f"{f'edit resumed: {res.resumed_steps} steps were already done | ' if res.resumed_steps else ''}"
           f"{outputs.video}{' | tiny-random: MEANINGLESS OUTPUT' if tiny else ''}", flush=True)
     return 0
 

@@ -60,6 +60,7 @@ class EditConfig:
     keyframe_window: int | None = None  # opt-in windowed extended attention (approximation; None: exact)
     cache_dir: str | None = None  # latent store (None: $TOKENFLOW_CACHE or ~/.cache/tokenflow)
     reconstruct: bool = False  # decode the inversion back and report PSNR
+    resume: bool = True  # continue an interrupted (or reuse a finished) edit from its checkpoint in the store
 
     def validate(self) -> "EditConfig":
         def bad(msg):

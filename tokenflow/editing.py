@@ -104,11 +104,13 @@ def keyframe_pass(state: StepState, run, K: int) -> None:
 
 @torch.no_grad()
 def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, source_at, embs: torch.Tensor,
-                 depth: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+                 depth: torch.Tensor | None = None, progress: bool = True, checkpoint=None) -> torch.Tensor:
     """Denoise the edited latents `x` [N, 4, h, w] (host, float32) over `plan.timesteps`.
 
     source_at(t) -> [N, 4, h, w]: the kept inverted latents at t (the source branch is never advanced).
     embs: [3, 77, D] text embeddings of [source | uncond | cond].
+    checkpoint: optional tokenflow.latent_store.EditCheckpoint: resume after the step it holds, and save
+    the latents after every step.
     Returns the edited latents at t = 0 (host, float32).
     """
     sched = DDIMScheduler.from_config(models.scheduler_config)
@@ -129,14 +131,20 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
         _, u, c = out.chunk(3)
         return u + plan.guidance_scale * (c - u)
 
+    done = checkpoint.load() if checkpoint is not None else None
+    if done is not None:
+        log.info("resuming the edit after step %d of %d (%s)", done[0] + 1, len(plan.timesteps), checkpoint.path)
+        x = done[1]
     try:
         for step in bar(range(plan.first_step, len(plan.timesteps)), "edit", progress, unit="step"):
+            keyframes = draw_keyframes(plan.groups, plan.batch_size, gen)  # every step's draw, done or not
+            if done is not None and step <= done[0]:
+                continue
             t = plan.timesteps[step]
             src = source_at(t)
             state.t, state.step = t, step
             state.qk_inject = step < plan.n_qk_steps
             state.conv_inject = step < plan.n_conv_steps
-            keyframes = draw_keyframes(plan.groups, plan.batch_size, gen)
 
             # Keyframe pass: extended attention over all keyframes; records features and outputs.
             state.kind = KEYFRAME
@@ -160,6 +168,8 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
 
             retry.run(groups_call, list(range(G)))
             x = x_next
+            if checkpoint is not None:
+                checkpoint.save(step, x)
     finally:  # an error or interruption mid-step must not leave the UNet in keyframe or group mode
         state.plain()
         state.records.clear()

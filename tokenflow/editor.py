@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
+from tokenflow import __version__
 from tokenflow.config import EditConfig
 from tokenflow.depth import depth_maps
 from tokenflow.editing import EditPlan, edit_latents, initial_latents, inversion_noise, start_index
@@ -24,13 +25,19 @@ from tokenflow.errors import TokenFlowError
 from tokenflow.inversion import (decode_latents, encode_frames, invert_into_store, kept_timesteps, model_input,
                                  psnr, sampling_timesteps)
 from tokenflow.keyframes import make_groups
-from tokenflow.latent_store import LatentStore, frames_digest
+from tokenflow.latent_store import EditCheckpoint, LatentStore, frames_digest
 from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
 from tokenflow.planner import MemoryPlan, plan_memory
 from tokenflow.processors import install
 from tokenflow.state import KeyframeRecords, StepState
 
 log = logging.getLogger("tokenflow")
+
+# The settings an edit's result depends on beyond its inversion (whose store key covers model, weights,
+# dtype, size, frames, depth, inversion prompt and steps): the key of its checkpoint.
+EDIT_KEY_FIELDS = ("prompt", "negative_prompt", "mode", "seed", "guidance_scale", "n_timesteps", "batch_size",
+                   "pnp_attn_t", "pnp_f_t", "start", "use_ddim_noise", "match_reference", "keyframe_window",
+                   "backend")
 
 
 @dataclass
@@ -61,6 +68,7 @@ class EditResult:
     inversion_reused: bool = False
     inversion_path: Path | None = None
     memory_plan: MemoryPlan | None = None  # the planner's choice (OOM retries, logged, may have shrunk it)
+    resumed_steps: int = 0  # denoising steps an earlier, interrupted (or finished) run had already done
 
 
 class TokenFlowEditor:
@@ -193,12 +201,18 @@ class TokenFlowEditor:
         self.state.keyframe_window = cfg.keyframe_window
         self.state.keyframe_chunk = chunk
         self.state.records = KeyframeRecords(offload=mem.offload_records)
+        checkpoint = EditCheckpoint(inversion.store, {"tokenflow": __version__,
+                                                       **{k: getattr(cfg, k) for k in EDIT_KEY_FIELDS}})
+        if not cfg.resume:
+            checkpoint.discard()
+        done = checkpoint.step()
+        resumed = 0 if done is None else max(0, done + 1 - first)
         with _timed(timings, "edit"):
-            x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress)
+            x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress, checkpoint)
         with _timed(timings, "decode"):
             out = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
-        return EditResult(out, timings, peak, inversion.reused, inversion.path, mem)
+        return EditResult(out, timings, peak, inversion.reused, inversion.path, mem, resumed)
 
 
 def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:

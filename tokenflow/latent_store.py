@@ -5,6 +5,7 @@ Layout of one entry, `<root>/<key>/`:
   x0.safetensors                the VAE latents of the frames, [N, 4, h, w]
   frames_<a>_<b>.safetensors    latents of frames [a, b) at every kept timestep ("t<t>": [b-a, 4, h, w])
   complete                      written last
+  edit_<key>.safetensors        an edit of these latents: its latents after its last finished step (EditCheckpoint)
 Every file is written under a temporary name and renamed, so an interrupted run leaves only whole
 files: a second run skips the chunks already there (resume) or the whole inversion (reuse).
 """
@@ -103,3 +104,33 @@ class LatentStore:
     def timesteps(self, n_frames: int) -> list[int]:
         a, b = self.chunks(n_frames)[0]
         return sorted(int(k[1:]) for k in self._handle(self.chunk_path(a, b)).keys())
+
+
+class EditCheckpoint:
+    """The edited latents of one edit after its last finished denoising step, next to the inversion it
+    edits (keyed by the settings that determine the result), rewritten atomically after every step: an
+    interrupted edit resumes at the next step, and a finished one is decoded again without re-editing."""
+
+    def __init__(self, store: LatentStore, key_fields: dict):
+        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+        self.path = store.path / f"edit_{key}.safetensors"
+
+    def step(self) -> int | None:
+        """Index of the last finished step, or None (reads only that)."""
+        if not self.path.exists():
+            return None
+        with safe_open(str(self.path), framework="pt") as f:
+            return int(f.get_tensor("step"))
+
+    def load(self) -> tuple[int, torch.Tensor] | None:
+        """(index of the last finished step, latents after it), or None."""
+        if not self.path.exists():
+            return None
+        with safe_open(str(self.path), framework="pt") as f:
+            return int(f.get_tensor("step")), f.get_tensor("x")
+
+    def save(self, step: int, x: torch.Tensor) -> None:
+        _atomic_save({"x": x, "step": torch.tensor(step)}, self.path)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
