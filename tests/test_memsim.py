@@ -104,3 +104,7 @@ def test_planner_flags_and_an_impossible_budget(caplog):
         tight = plan_for(unet, torch.float16, EditConfig(prompt="x", max_gpu_mem=6), 64, 64, 125, 70 * GiB, w)
     assert tight.offload_records and tight.chunk_frames == 1
     assert "keyframe pass of 125 keyframes needs about" in caplog.text
+    # Inversion runs one row per frame: three times the frames of an edit call in the same budget.
+    small = EditConfig(prompt="x", max_gpu_mem=6)
+    edit, invert = (plan_for(unet, torch.float16, small, 64, 64, k, 70 * GiB, w) for k in (1, 0))
+    assert invert.chunk_frames >= 2 * edit.chunk_frames > 0

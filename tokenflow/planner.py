@@ -63,7 +63,8 @@ def records_bytes(unet, K: int, h: int, w: int, dtype: torch.dtype) -> int:
 def plan_for(unet, dtype: torch.dtype, cfg, h: int, w: int, keyframes: int, free: int, allocated: int) -> MemoryPlan:
     """The plan for latents h x w and `keyframes` keyframes (0: inversion) within the budget."""
     scale = h * w * unet.config["block_out_channels"][0] * torch.finfo(dtype).bits // 16
-    per_frame = 3 * BYTES_PER_TOKEN_CHANNEL * scale
+    rows = 3 if keyframes else 1  # an edit call runs three branches per frame; inversion one
+    per_frame = rows * BYTES_PER_TOKEN_CHANNEL * scale
     keyframe_pass = keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL * scale
     records = records_bytes(unet, keyframes, h, w, dtype)
     per_keyframe_records = records // max(keyframes, 1)
