@@ -370,7 +370,13 @@ def _presearch_cases():
     centres = rnd(2, 50, C)
     clustered = (centres.repeat_interleave(6, dim=1) * (1 + 1e-3 * rnd(2, S, C))).contiguous()
     near = centres[[0, 1, 0]].repeat_interleave(6, dim=1) + 0.3 * rnd(3, S, C)
+    # Candidates 0-31 nearly one vector (they fill a row's window), candidate 40 the best match: the window
+    # must be compacted when 40 arrives, keeping the best and dropping what it rules out.
+    full = rnd(2, S, C)
+    full[:, :32] = base + 0.3 * rnd(C) + 1e-4 * rnd(2, 32, C)
+    full[:, 40] = base
     return {  # name: (x, key_feats, the counter that must be non-zero: 1 rescored, 2 fell back)
+        "full window, then a better candidate": (base + 0.5 * rnd(3, S, C), full, 1),
         "random": (x, k, 1),
         "clustered below bf16 resolution": (near, clustered, 1),
         "video-like": (frames, field, 1),
