@@ -165,7 +165,8 @@ def test_oom_in_the_vae_halves_its_frames_per_call(tiny_editor, clip, tiny_cfg, 
     expected = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
     with fake_oom(tiny_editor.models.vae.decoder, lambda rows: rows > 1), caplog.at_level(logging.WARNING, logger="tokenflow"):
         got = tiny_editor.edit(clip, tiny_cfg.replace(chunk_frames=4), progress=False, inversion=inv)
-    assert "out of memory in decode; retrying with 2 frames" in caplog.text and "retrying with 1 frames" in caplog.text
+    assert "out of memory in decode with 4 frames at a time; retrying with 2" in caplog.text
+    assert "with 2 frames at a time; retrying with 1" in caplog.text
     assert (got.frames.int() - expected.frames.int()).abs().max() <= 1  # batch size may change conv rounding
 
 

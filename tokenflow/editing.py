@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from tokenflow.batches import Batches
 from tokenflow.errors import TokenFlowError
 from tokenflow.inversion import model_input
 from tokenflow.keyframes import blend_plan, draw_keyframes
@@ -54,27 +55,6 @@ def inversion_noise(sched: DDIMScheduler, x0: torch.Tensor, x_T: torch.Tensor, T
     return (x_T - a.sqrt() * x0) / (1 - a).sqrt()
 
 
-class OOMRetry:
-    """Halve the groups per UNet call once a CUDA OOM hits, and retry (logged)."""
-
-    def __init__(self, groups_per_call: int):
-        self.groups_per_call = groups_per_call
-
-    def run(self, fn, items: list):
-        i = 0
-        while i < len(items):
-            n = self.groups_per_call
-            try:
-                fn(items[i:i + n])
-                i += n
-            except torch.cuda.OutOfMemoryError:
-                if n == 1:
-                    raise
-                self.groups_per_call = max(1, n // 2)
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory with %d groups per UNet call; retrying with %d", n, self.groups_per_call)
-
-
 def keyframe_pass(state: StepState, run, K: int) -> None:
     """Run a keyframe pass (`run()`), recording into state.records. On CUDA OOM: halve the keyframes per
     chunk down to 1, then keep the records in host memory, retrying each time (logged); then give up
@@ -119,7 +99,7 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
     which_all, weights_all = blend_plan(plan.groups, plan.batch_size)
     dev, dt = models.device, models.dtype
     G = len(plan.groups)
-    retry = OOMRetry(plan.groups_per_call)
+    group_batches = Batches(plan.groups_per_call, "the group passes", unit="groups")
 
     def unet(src: torch.Tensor, lat: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
         """One UNet call on the triple batch of frames `idx`; returns the guided model output."""
@@ -154,11 +134,11 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
             state.kind = GROUP
             x_next = torch.empty_like(x)
 
-            def groups_call(gs: list[int]):
+            def groups_call(first: int, stop: int):  # groups [first, stop) in one UNet call
                 # Offloaded records: copy back only the keyframes these groups blend. On the device: pass
                 # them whole, since a slice of [3, K, S, C] along K is not contiguous and would be copied.
-                lo, hi = (max(gs[0] - 1, 0), gs[-1] + 1) if state.records.offload else (0, G)
-                idx = torch.arange(plan.groups[gs[0]].start, plan.groups[gs[-1]].stop)
+                lo, hi = (max(first - 1, 0), stop) if state.records.offload else (0, G)
+                idx = torch.arange(plan.groups[first].start, plan.groups[stop - 1].stop)
                 which = which_all[idx]
                 state.key_lo, state.key_hi = lo, hi
                 state.which = torch.where(which >= 0, which - lo, which).to(dev)
@@ -166,7 +146,8 @@ def edit_latents(models, state: StepState, plan: EditPlan, x: torch.Tensor, sour
                 guided = unet(src, x, t, idx)
                 x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.to(x_next.device)
 
-            retry.run(groups_call, list(range(G)))
+            for _ in group_batches.run(G, groups_call):  # each batch of groups writes its frames of x_next
+                pass
             x = x_next
             if checkpoint is not None:
                 checkpoint.save(step, x)

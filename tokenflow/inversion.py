@@ -1,17 +1,15 @@
 """VAE encoding/decoding and DDIM inversion of every frame (spec section 2)."""
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
+from tokenflow.batches import Batches
 from tokenflow.errors import TokenFlowError
 from tokenflow.latent_store import LatentStore
 from tokenflow.progress import bar
-
-log = logging.getLogger("tokenflow")
 
 
 def sampling_timesteps(scheduler_config: dict, n_timesteps: int) -> list[int]:
@@ -43,34 +41,13 @@ def model_input(x: torch.Tensor, depth: torch.Tensor | None) -> torch.Tensor:
     return x if depth is None else torch.cat([x, depth.to(x)], dim=1)
 
 
-def in_chunks(n: int, chunk: int, fn, desc: str, progress: bool = False):
-    """Yield fn(a, b) for consecutive [a, b) covering [0, n), `chunk` at a time; a CUDA OOM halves the
-    chunk and retries (logged), so a VAE pass late in a long edit does not throw the edit away."""
-    a = 0
-    with bar(total=n, desc=desc, enabled=progress, unit="frame") as pbar:
-        while a < n:
-            b = min(a + chunk, n)
-            try:
-                out = fn(a, b)
-            except torch.cuda.OutOfMemoryError:
-                if chunk == 1:
-                    raise
-                chunk = max(1, chunk // 2)
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory in %s; retrying with %d frames at a time", desc, chunk)
-                continue
-            yield out
-            pbar.update(b - a)
-            a = b
-
-
 @torch.no_grad()
 def encode_frames(models, frames: torch.Tensor, chunk: int, progress: bool = False) -> torch.Tensor:
     """uint8 frames [N, 3, H, W] -> latents [N, 4, H/8, W/8] (posterior mean x scaling), float32 on the host."""
     def encode(a, b):
         x = frames[a:b].to(models.device, models.dtype) / 127.5 - 1.0
         return (models.vae.encode(x).latent_dist.mean * models.scaling_factor).float().cpu()
-    return torch.cat(list(in_chunks(len(frames), chunk, encode, "encode", progress)))
+    return torch.cat(list(Batches(chunk, "encode").run(len(frames), encode, progress)))
 
 
 @torch.no_grad()
@@ -80,7 +57,7 @@ def decode_latents(models, latents: torch.Tensor, chunk: int, progress: bool = F
         x = latents[a:b].to(models.device, models.dtype) / models.scaling_factor
         img = (models.vae.decode(x).sample.float() / 2 + 0.5).clamp(0, 1)
         return (img * 255).round().to(torch.uint8).cpu()
-    yield from in_chunks(len(latents), chunk, decode, "decode", progress)
+    yield from Batches(chunk, "decode").run(len(latents), decode, progress)
 
 
 @torch.no_grad()
