@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, matmul_peak_tflops, parse_args, backend_runs, time_all  # noqa: E402
+from harness import Report, backend_runs, benchmark_method, matmul_peak_tflops, parse_args, time_all  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.ops import extended_attention, reference  # noqa: E402
@@ -137,15 +137,7 @@ try:
         dtype = torch.bfloat16 if _DEVICE == "cuda" else torch.float32
         case = make_case(S, C, K, shared, dtype, _DEVICE)
         run, skipped = methods(case, _DEVICE)
-        if method not in run:
-            pytest.skip(skipped.get(method, f"{method} is not loaded"))
-        fn = run[method]
-        try:
-            fn()
-        except RuntimeError as e:
-            pytest.skip(f"{method} refuses this shape: {str(e).splitlines()[0]}")
-        benchmark.extra_info["model_flop"] = costmodel.extended_attention_flops(S, C, K, R)
-        benchmark(lambda: (fn(), torch.cuda.synchronize() if _DEVICE == "cuda" else None))
+        benchmark_method(benchmark, run, skipped, method, _DEVICE, costmodel.extended_attention_flops(S, C, K, R))
 except ImportError:
     pass
 

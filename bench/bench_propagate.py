@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baseline  # noqa: E402,F401  (registers the "baseline" backend: the reference's pattern)
-from harness import Report, matmul_peak_tflops, parse_args, backend_runs, time_all  # noqa: E402
+from harness import Report, backend_runs, benchmark_method, matmul_peak_tflops, parse_args, time_all  # noqa: E402
 
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.ops import propagate, reference  # noqa: E402
@@ -115,12 +115,8 @@ try:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         case = make_case(S, C, K, b, dtype, device)
         run, skipped = methods(case, b)
-        if method not in run:
-            pytest.skip(skipped.get(method, f"{method} is not loaded"))
-        fn = run[method]
-        benchmark.extra_info["tflops_model_flop"] = costmodel.propagate_flops(S, C, K * b, 2) - \
-            costmodel.propagate_flops(S, C, b, 1)
-        benchmark(lambda: (fn(), torch.cuda.synchronize() if device == "cuda" else None))
+        flop = costmodel.propagate_flops(S, C, K * b, 2) - costmodel.propagate_flops(S, C, b, 1)
+        benchmark_method(benchmark, run, skipped, method, device, flop)
 except ImportError:  # plain `python bench/bench_propagate.py` needs no pytest
     pass
 

@@ -159,3 +159,19 @@ def time_all(rep, meta: dict, run: dict, skipped: dict, want, *, flop: float, pe
         if "median_s" in row and name not in unchecked:
             row["max_abs_diff_vs_reference"] = float((fn().float() - want.float()).abs().max())
         rep.add(meta, name, row)
+
+
+def benchmark_method(benchmark, run: dict, skipped: dict, method: str, device: str, model_flop: float) -> None:
+    """The pytest-benchmark body of the micro-benchmarks: skip a method that did not load or refuses the
+    shape (saying why), then time it with pytest-benchmark, synchronising the device after every call."""
+    import pytest
+
+    if method not in run:
+        pytest.skip(skipped.get(method, f"{method} is not loaded"))
+    fn = run[method]
+    try:
+        fn()
+    except RuntimeError as e:
+        pytest.skip(f"{method} refuses this shape: {str(e).splitlines()[0]}")
+    benchmark.extra_info["model_flop"] = model_flop
+    benchmark(lambda: (fn(), sync(device)))
