@@ -24,7 +24,7 @@ from harness_meta import environment, write_json  # noqa: E402
 
 from tokenflow.config import EditConfig  # noqa: E402
 from tokenflow.keyframes import make_groups  # noqa: E402
-from tokenflow.memsim import simulate_edit, simulate_vae  # noqa: E402
+from tokenflow.memsim import simulate_edit, simulate_vae, weights_bytes  # noqa: E402
 from tokenflow.planner import plan_for, records_bytes  # noqa: E402
 from tokenflow.tiny import SD21_RANDOM, build_tiny_models  # noqa: E402
 
@@ -33,7 +33,7 @@ GiB = 2**30
 
 def row(models, frames: int, size: int, gpu_gib: float, max_gpu_mem: float | None, dtype) -> dict:
     vae, _, text_encoder, unet, sched = models
-    weights = sum(p.numel() * p.element_size() for m in (vae, text_encoder, unet) for p in m.parameters())
+    weights = weights_bytes(vae, text_encoder, unet)
     cfg = EditConfig(prompt="x", max_gpu_mem=max_gpu_mem)
     h = w = size // 8
     free = int(gpu_gib * GiB) - weights

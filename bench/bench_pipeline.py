@@ -31,7 +31,7 @@ from harness_meta import environment, write_json  # noqa: E402
 from tokenflow import costmodel  # noqa: E402
 from tokenflow.config import EditConfig  # noqa: E402
 from tokenflow.editor import TokenFlowEditor  # noqa: E402
-from tokenflow.memsim import simulate_edit, simulate_vae  # noqa: E402
+from tokenflow.memsim import simulate_edit, simulate_vae, weights_bytes  # noqa: E402
 from tokenflow.models import load_models, resolve_dtype  # noqa: E402
 
 
@@ -103,8 +103,7 @@ def simulated_peak(models, frames, cfg, plan) -> int:
                          scheduler_config=models.scheduler_config).peak_bytes
     vae = simulate_vae(models.vae.config, frames=min(plan.vae_frames, len(frames)), height=H, width=W,
                        dtype=models.dtype)["decode"]
-    weights = sum(p.numel() * p.element_size() for m in (models.unet, models.vae, models.text_encoder)
-                  for p in m.parameters())
+    weights = weights_bytes(models.unet, models.vae, models.text_encoder)
     return max(step, vae) + weights
 
 

@@ -34,6 +34,11 @@ def frames_digest(frames: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def key_hash(fields: dict) -> str:
+    """A short stable name for what a stored result depends on."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -48,7 +53,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 class LatentStore:
     def __init__(self, root: Path | str | None, key_fields: dict, chunk_frames: int):
         self.key_fields = key_fields
-        self.key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+        self.key = key_hash(key_fields)
         self.path = Path(root or default_root()) / self.key
         self.path.mkdir(parents=True, exist_ok=True)
         meta_path = self.path / "meta.json"
@@ -112,8 +117,7 @@ class EditCheckpoint:
     interrupted edit resumes at the next step, and a finished one is decoded again without re-editing."""
 
     def __init__(self, store: LatentStore, key_fields: dict):
-        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
-        self.path = store.path / f"edit_{key}.safetensors"
+        self.path = store.path / f"edit_{key_hash(key_fields)}.safetensors"
 
     def step(self) -> int | None:
         """Index of the last finished step, or None (reads only that)."""

@@ -111,6 +111,11 @@ class SimulatedMemory:
         return self.peak_bytes + self.weights_bytes
 
 
+def weights_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of `modules` (what they hold on the device before any call)."""
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
 def _meta_model(cls, config, dtype: torch.dtype):
     with torch.device(META):
         model = cls.from_config(dict(config))
@@ -150,24 +155,22 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
                   qk_injection: bool = True, steps: int = 1, scheduler_config: dict | None = None) -> SimulatedMemory:
     """Peak device memory of `steps` PnP editing steps of a `frames`-frame video at height x width pixels,
     with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`)."""
-    from diffusers import DDIMScheduler
-
     from tokenflow.editing import EditPlan, edit_latents
+    from tokenflow.inversion import sampling_timesteps
     from tokenflow.keyframes import make_groups
     from tokenflow.models import Models
     from tokenflow.processors import install
     from tokenflow.state import StepState
+    from tokenflow.tiny import sd_scheduler_config
 
     unet = meta_unet(unet_config, dtype)
-    sched = scheduler_config or dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                   beta_end=0.012, steps_offset=1).config)
+    sched = scheduler_config or sd_scheduler_config()
     state = StepState(keyframe_chunk=chunk_frames)
     state.records = HostRecords(offload=True) if offload_records else KeyframeRecords()
     install(unet, state)
     groups = make_groups(frames, batch_size, False)
-    timesteps = DDIMScheduler.from_config(sched)
-    timesteps.set_timesteps(max(steps, 1))
-    plan = EditPlan(groups=groups, batch_size=batch_size, guidance_scale=7.5, timesteps=timesteps.timesteps.tolist(),
+    plan = EditPlan(groups=groups, batch_size=batch_size, guidance_scale=7.5,
+                    timesteps=sampling_timesteps(sched, max(steps, 1)),
                     first_step=0, n_qk_steps=steps if qk_injection else 0, n_conv_steps=steps, seed=0,
                     groups_per_call=max(1, chunk_frames // batch_size))
     h, w = height // 8, width // 8
@@ -184,5 +187,4 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
             src = torch.empty(frames, 4, h, w, device=META)
             embs = torch.empty(3, 77, cross, device=META, dtype=dtype)
         edit_latents(models, state, plan, x, lambda t: src, embs, depth, progress=False)
-    weights = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
-    return SimulatedMemory(tracker.peak, weights, tracker.peak_at)
+    return SimulatedMemory(tracker.peak, weights_bytes(unet), tracker.peak_at)

@@ -67,7 +67,7 @@ def build_tiny_models(variant: str = TINY_MODEL, seed: int = 0, device: str | to
 
     `device`: where the weights are created and initialised (a GPU initialises a full-size model in
     a fraction of the CPU's time)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if variant not in TINY_VARIANTS:
@@ -104,18 +104,24 @@ def build_tiny_models(variant: str = TINY_MODEL, seed: int = 0, device: str | to
             block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64,
             scaling_factor=0.18215,
         )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="v_prediction" if variant == "tiny-random-v" else "epsilon")
     for m in (text_encoder, unet, vae):
         m.eval().requires_grad_(False)
-    return vae, tokenizer, text_encoder, unet, dict(scheduler.config)
+    prediction = "v_prediction" if variant == "tiny-random-v" else "epsilon"
+    return vae, tokenizer, text_encoder, unet, sd_scheduler_config(prediction)
+
+
+def sd_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """The DDIM scheduler config of SD 1.x/2.x (scheduler/scheduler_config.json of the SD 2.1-base repo)."""
+    from diffusers import DDIMScheduler
+
+    return dict(DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type).config)
 
 
 def _sd21_random(tokenizer):
     """SD 2.1-base's UNet, VAE and text encoder from their published configs (speed does not depend on
     the weights). The tokenizer is the tiny byte-level one: its ids are valid in the 49408-token encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
@@ -127,8 +133,6 @@ def _sd21_random(tokenizer):
         vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
         max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     for m in (text_encoder, unet, vae):
         m.eval().requires_grad_(False)
-    return vae, tokenizer, text_encoder, unet, dict(scheduler.config)
+    return vae, tokenizer, text_encoder, unet, sd_scheduler_config()

@@ -94,9 +94,14 @@ def check_propagate(x, key_feats, key_out, which, weights, residual):
             _fail(op, f"residual has shape {tuple(residual.shape)}, expected {(key_out.shape[0], F_, S, C)}")
 
 
-def _shape_only(t: torch.Tensor) -> bool:
-    """Meta tensors (after validation): the registered operator's fake implementation allocates just the
-    output, as the fused backends do (tokenflow.memsim simulates the editing loop's GPU memory that way)."""
+def _registered_op(t: torch.Tensor, check) -> bool:
+    """Validate (unless tracing), then say whether to call the registered operator instead of a backend:
+    under torch.compile (one opaque graph node, no graph break; validation reads values Dynamo cannot
+    trace), and for meta tensors, whose fake implementation allocates just the output as the fused
+    backends do (tokenflow.memsim simulates the editing loop's GPU memory that way)."""
+    if torch.compiler.is_compiling():
+        return True
+    check()
     return t.device.type == "meta"
 
 
@@ -113,10 +118,7 @@ def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     probability matrix and differ only in v. softmax scale defaults to d ** -0.5.
     Returns [R, K, S, C] in v's dtype.
     """
-    if torch.compiler.is_compiling():  # one opaque operator node instead of a graph break
-        return torch.ops.tokenflow.extended_attention(q, k, v, heads, shared_qk, scale, backend)
-    check_extended_attention(q, k, v, heads, shared_qk)
-    if _shape_only(v):
+    if _registered_op(v, lambda: check_extended_attention(q, k, v, heads, shared_qk)):
         return torch.ops.tokenflow.extended_attention(q, k, v, heads, shared_qk, scale, backend)
     b = backends.choose("extended_attention", backend, q=q, k=k, v=v, heads=heads, shared_qk=shared_qk)
     return b.extended_attention(q, k, v, heads, shared_qk=shared_qk, scale=scale)
@@ -131,10 +133,7 @@ def cosine_argmax(x: torch.Tensor, key_feats: torch.Tensor, which: torch.Tensor,
     Returns idx: [F, J, S] int64, idx[f, j, s] = argmax_t cos(x[f, s], key_feats[which[f, j], t]),
     ties to the lowest t (as torch.argmax); 0 where which is -1.
     """
-    if torch.compiler.is_compiling():
-        return torch.ops.tokenflow.cosine_argmax(x, key_feats, which, backend)
-    check_cosine_argmax(x, key_feats, which)
-    if _shape_only(x):
+    if _registered_op(x, lambda: check_cosine_argmax(x, key_feats, which)):
         return torch.ops.tokenflow.cosine_argmax(x, key_feats, which, backend)
     b = backends.choose("cosine_argmax", backend, x=x, key_feats=key_feats, which=which)
     return b.cosine_argmax(x, key_feats, which)
@@ -153,10 +152,7 @@ def propagate(x: torch.Tensor, key_feats: torch.Tensor, key_out: torch.Tensor, w
         out[r, f, s] = residual[r, f, s] + sum_{j: which[f, j] >= 0} weights[f, j] * key_out[r, which[f, j], idx[f, j, s]]
     accumulated in float32. The [F*S, S] similarity matrix need not exist at once (backends tile it).
     """
-    if torch.compiler.is_compiling():
-        return torch.ops.tokenflow.propagate(x, key_feats, key_out, which, weights, residual, backend)
-    check_propagate(x, key_feats, key_out, which, weights, residual)
-    if _shape_only(x):
+    if _registered_op(x, lambda: check_propagate(x, key_feats, key_out, which, weights, residual)):
         return torch.ops.tokenflow.propagate(x, key_feats, key_out, which, weights, residual, backend)
     b = backends.choose("propagate", backend, x=x, key_feats=key_feats, key_out=key_out, which=which,
                         weights=weights, residual=residual)
