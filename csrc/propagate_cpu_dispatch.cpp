@@ -2,6 +2,7 @@
 // are propagate_cpu.cpp compiled with different -m flags; which ones exist is decided in CMakeLists.txt
 // and passed here as TF_HAVE_AVX2 / TF_HAVE_AVX512 / TF_HAVE_AVX512BF16).
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -17,24 +18,41 @@ struct Variant {
   const char* name;
 };
 
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("tokenflow._C.propagate_cpu: " + msg); }
+
+// TOKENFLOW_CPU_ISA caps the variant (generic < avx2 < avx512 < avx512bf16), so a machine with more can run
+// the code paths an AVX2-only CI machine takes. It never raises the choice above what the CPU supports.
+int isa_cap() {
+  const char* env = std::getenv("TOKENFLOW_CPU_ISA");
+  if (!env || !*env) return 3;
+  const std::string v(env);
+  if (v == "generic") return 0;
+  if (v == "avx2") return 1;
+  if (v == "avx512") return 2;
+  if (v == "avx512bf16") return 3;
+  bad("TOKENFLOW_CPU_ISA='" + v + "' is not one of generic, avx2, avx512, avx512bf16; unset it for the widest");
+}
+
 Variant pick() {
+  const int cap = isa_cap();
+  (void)cap;
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(TF_HAVE_AVX512BF16)
   // The avx512 variant plus the vdpbf16ps search for bf16 features (it differs only there).
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  if (cap >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512bf16"))
     return {detail::propagate_cpu_avx512bf16, "avx512bf16"};
 #endif
 #if defined(TF_HAVE_AVX512)
   // avx512bw/vl/dq are what the avx512 variant is compiled with (CMakeLists.txt), f16c for its fp16 rows.
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  if (cap >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return {detail::propagate_cpu_avx512, "avx512"};
 #endif
 #if defined(TF_HAVE_AVX2)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+  if (cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return {detail::propagate_cpu_avx2, "avx2"};
 #endif
 #endif
@@ -45,8 +63,6 @@ const Variant& variant() {
   static const Variant v = pick();  // thread-safe static init; the CPU does not change under us
   return v;
 }
-
-[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("tokenflow._C.propagate_cpu: " + msg); }
 
 bool known_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
 

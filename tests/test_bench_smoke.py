@@ -13,7 +13,7 @@ def test_pipeline_benchmark_smoke(tmp_path):
     out = tmp_path / "pipeline.json"
     md = tmp_path / "pipeline.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--smoke", "--baseline",
-                        "--json", str(out), "--markdown", str(md)], capture_output=True, text=True, timeout=300)
+                        "--json", str(out), "--markdown", str(md)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     modes = {(row["mode"], row["stage"]) for row in data["rows"]}
@@ -28,7 +28,7 @@ def test_micro_benchmarks_smoke(tmp_path):
     for name in ("bench_propagate", "bench_extended_attention"):
         out = tmp_path / f"{name}.json"
         r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--json", str(out)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(out.read_text())
 
@@ -39,7 +39,7 @@ def test_cpu_propagation_benchmark_smoke(tmp_path):
     out = tmp_path / "propagate_cpu.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_propagate_cpu.py"), "--rounds", "1",
                         "--dtypes", "float32", "--inputs", "video", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (res,) = json.loads(out.read_text())["results"]
     assert set(res["methods"]) == {"cpu", "reference", "ref_pattern", "gemm_only", "cpu_fp32_search"}

@@ -26,10 +26,9 @@ TINY = ["--model", "tiny-random", "--batch-size", "4", "--n-inversion-steps", "4
         "--width", "64", "--height", "64"]
 
 
-def cli(*args, cwd: Path, cache: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(*args, cwd: Path, cache: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(cache or cwd / "cache"))
-    return subprocess.run([str(SCRIPT), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(SCRIPT), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def config_keys(path: Path) -> dict:
@@ -223,22 +222,26 @@ def test_sigint_during_editing(tmp_path):
     slow = ["--model", "tiny-random", "--batch-size", "4", "--n-inversion-steps", "20", "--n-timesteps", "20",
             "--width", "64", "--height", "64"]
     cache = tmp_path / "cache"
+    cache.mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(cache))
-    p = subprocess.Popen([str(SCRIPT), "sample", "--prompt", "x", *slow, "-o", "out.mp4", "--png"], cwd=tmp_path,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not list(cache.glob("latents/*/complete")):  # the store marks a finished inversion last
-            assert p.poll() is None, p.communicate()
-            assert time.time() < deadline, "inversion did not finish"
-            time.sleep(0.05)
-        time.sleep(0.5)  # into the editing steps
-        assert p.poll() is None, "the run finished before it could be interrupted; make it slower"
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    # Output to files, not pipes: a full pipe would block the run before the event it is waited for. SIGINT
+    # as a terminal delivers it: a pytest-xdist worker ignores SIGINT, and children inherit an ignored signal.
+    with open(cache / "stderr.txt", "w+") as log, open(cache / "stdout.txt", "w") as stdout:
+        p = subprocess.Popen([str(SCRIPT), "sample", "--prompt", "x", *slow, "-o", "out.mp4", "--png"],
+                             cwd=tmp_path, env=env, stdout=stdout, stderr=log, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            # Events, not deadlines: the edit checkpoint appears after the first finished editing step.
+            while not list(cache.glob("latents/*/edit_*.safetensors")):
+                assert p.poll() is None, (cache / "stderr.txt").read_text()
+                time.sleep(0.05)
+            assert p.poll() is None, "the run finished before it could be interrupted; make it slower"
+            p.send_signal(signal.SIGINT)
+            p.wait()
+        finally:
+            if p.poll() is None:
+                p.kill()
+        err = (cache / "stderr.txt").read_text()
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert visible(tmp_path) == []  # no output, no temporary names

@@ -63,7 +63,7 @@ def test_cuda_source_compiles(arch, tmp_path):
     (tmp_path / "tf_build_config.h").write_text(f'#pragma once\n#define TF_CUDA_ARCHS "{arch}"\n')
     cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings", "-Xptxas", "-v",
            f"-I{CSRC}", f"-I{tmp_path}", str(CSRC / "propagate_cuda.cu"), "-o", str(tmp_path / "propagate_cuda.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "propagate_cuda.o").stat().st_size > 0
     # Every kernel fits its registers (ptxas -v): no stack frame, no spills.
@@ -74,7 +74,7 @@ def test_cuda_source_compiles(arch, tmp_path):
     ptx = tmp_path / "propagate_cuda.ptx"
     cmd = [nvcc, "-ptx", "-std=c++17", "-O3", f"-arch={arch}", f"-I{CSRC}", f"-I{tmp_path}",
            str(CSRC / "propagate_cuda.cu"), "-o", str(ptx)]
-    assert subprocess.run(cmd, capture_output=True, timeout=170).returncode == 0
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
     mma = set(re.findall(r"wmma\.mma\.sync\.aligned\.row\.col\.m16n16k16\.f32\.(\w+)", ptx.read_text()))
     assert {"bf16", "f32"} <= mma, mma  # .f32.bf16.bf16.f32 (bf16 inputs) and .f32.f32 (f16 inputs)
 
@@ -91,7 +91,7 @@ def test_cpu_only_cmake_build(tmp_path):
                  f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
                  f"-DTOKENFLOW_OUTPUT_DIR={out}"]
     for cmd in (configure, [cmake, "--build", str(tmp_path / "build")]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     built = list(out.glob("_C*"))
     assert len(built) == 1, built
@@ -110,6 +110,6 @@ def test_bad_cuda_mode_is_refused(tmp_path):
         pytest.skip("cmake not on PATH")
     proc = subprocess.run([cmake, f"-S{ROOT}", f"-B{tmp_path}", "-DTOKENFLOW_CUDA=maybe",
                            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True)
     assert proc.returncode != 0
     assert "TOKENFLOW_CUDA must be auto, on or off" in proc.stderr
