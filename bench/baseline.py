@@ -1,6 +1,6 @@
 """The reference implementation's compute pattern, as a `tokenflow.ops` backend for side-by-side timing.
 
-Reproduces how the published TokenFlow code computes the two hot operations (spec section 8), so the
+Reproduces how the published TokenFlow code computes the two hot operations, so the
 end-to-end benchmark measures our speedup against it at identical settings:
 - extended attention: K copies of every keyframe's K/V (`repeat`), a Python loop over heads, the full
   [K*S, K*S] logits materialised and softmaxed;

@@ -4,7 +4,8 @@ For each video length and GPU budget, the planner (tokenflow/planner.py) picks t
 and whether the keyframe records go to host memory, exactly as it would on that GPU; then
 tokenflow.memsim runs the first editing step on the meta device and reports the peak bytes alive at
 once (activations, keyframe records, inputs) plus the weights of the UNet, VAE and text encoder (one step
-is enough: every step allocates the same), and the VAE's encode and decode at the planned frames per call. Simulated, not measured: no allocator fragmentation, no
+is enough: every step allocates the same), and the VAE's encode and decode at the planned frames per call.
+Simulated, not measured: no allocator fragmentation, no
 cuBLAS/cuDNN workspace, no CUDA context (see tokenflow/memsim.py). Budgets: the whole GPU (78 GiB, an
 H100 80 GB as the device machine reports it) and --max-gpu-mem 20.
 
@@ -38,10 +39,11 @@ def row(models, frames: int, size: int, gpu_gib: float, max_gpu_mem: float | Non
     h = w = size // 8
     free = int(gpu_gib * GiB) - weights
     K = len(make_groups(frames, cfg.batch_size, False))
-    plan = plan_for(unet, dtype, cfg, h, w, K, free, weights)
-    chunk, offload = plan.chunk_frames, plan.offload_records
+    plan = plan_for(unet, dtype, h, w, keyframes=K, batch_size=cfg.batch_size, chunk_frames=None,
+                    max_gpu_mem=max_gpu_mem, free=free, allocated=weights)
+    chunk, offload = plan.frames_per_call, plan.offload_records
     t0 = time.perf_counter()
-    vae_sim = simulate_vae(vae.config, frames=plan.vae_frames, height=size, width=size, dtype=dtype)
+    vae_sim = simulate_vae(vae.config, frames=plan.vae_frames_per_call, height=size, width=size, dtype=dtype)
     sim = simulate_edit(unet.config, frames=frames, height=size, width=size, chunk_frames=chunk,
                         batch_size=cfg.batch_size, offload_records=offload, dtype=dtype, scheduler_config=sched)
     return {"frames": frames, "keyframes": K, "budget": f"--max-gpu-mem {max_gpu_mem:g}" if max_gpu_mem else
@@ -50,7 +52,7 @@ def row(models, frames: int, size: int, gpu_gib: float, max_gpu_mem: float | Non
             "planner_estimate_gib": round(plan.estimate / GiB, 3),
             "activations_peak_gib": round(sim.peak_bytes / GiB, 3), "weights_gib": round(weights / GiB, 3),
             "total_gib": round((sim.peak_bytes + weights) / GiB, 3), "peak_at": sim.peak_at,
-            "vae_frames": plan.vae_frames,
+            "vae_frames": plan.vae_frames_per_call,
             "vae_peak_gib": {k: round(v / GiB, 3) for k, v in vae_sim.items()},
             "simulation_s": round(time.perf_counter() - t0, 1)}
 

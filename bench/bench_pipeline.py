@@ -54,9 +54,9 @@ def reload_latents_per_call(editor, inv):
     from safetensors.torch import load_file
 
     def hook(module, args):
-        if editor.state.kind != "off":
+        if editor.hooks is not None and editor.hooks.state.kind != "off":
             for a, b in inv.store.chunks(len(inv.x0)):
-                load_file(str(inv.store.chunk_path(a, b)))[f"t{editor.state.t}"].to(editor.models.device)
+                load_file(str(inv.store.chunk_path(a, b)))[f"t{editor.hooks.state.t}"].to(editor.models.device)
     return editor.models.unet.register_forward_pre_hook(hook)
 
 
@@ -98,10 +98,10 @@ def run(editor, frames, cfg, peak_tflops, scale) -> list[dict]:
 def simulated_peak(models, frames, cfg, plan) -> int:
     """tokenflow.memsim's peak for this edit's plan: the larger of a step and a VAE decode, plus the weights."""
     H, W = frames.shape[2:]
-    step = simulate_edit(models.unet.config, frames=len(frames), height=H, width=W, chunk_frames=plan.chunk_frames,
+    step = simulate_edit(models.unet.config, frames=len(frames), height=H, width=W, chunk_frames=plan.frames_per_call,
                          batch_size=cfg.batch_size, offload_records=plan.offload_records, dtype=models.dtype,
                          scheduler_config=models.scheduler_config).peak_bytes
-    vae = simulate_vae(models.vae.config, frames=min(plan.vae_frames, len(frames)), height=H, width=W,
+    vae = simulate_vae(models.vae.config, frames=min(plan.vae_frames_per_call, len(frames)), height=H, width=W,
                        dtype=models.dtype)["decode"]
     weights = weights_bytes(models.unet, models.vae, models.text_encoder)
     return max(step, vae) + weights

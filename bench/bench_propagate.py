@@ -33,7 +33,7 @@ QUICK_LEVELS = [(64, 320), (16, 640)]  # S, C: CPU smoke shapes
 
 
 def blend_weights(N: int, B: int) -> torch.Tensor:
-    """[N, 2] spec section 5 weights: w for the group's keyframe, 1 - w for the previous (group 0: 1, 0)."""
+    """[N, 2] TokenFlow blend weights: w for the group's keyframe, 1 - w for the previous (group 0: 1, 0)."""
     w = torch.zeros(N, 2)
     for f in range(N):
         g = f // B

@@ -1,6 +1,6 @@
 """Benchmark of `propagate` on the CPU: the `cpu` backend (csrc/propagate_cpu.cpp) against PyTorch.
 
-Shapes: the 32x32 level of SD 2.1 (spec section 9): a group of B = 8 frames, S = 1024 tokens, C = 640
+Shapes: the 32x32 level of SD 2.1-base at 512x512: a group of B = 8 frames, S = 1024 tokens, C = 640
 channels, two candidate keyframes per frame (the group's own and the previous group's), R = 3 branches,
 with the residual added. Timed, interleaved round by round so that a noisy machine slows all alike:
   cpu             tokenflow.ops.propagate(..., backend="cpu") (where the CPU has AVX512-BF16, see
@@ -16,7 +16,8 @@ with the residual added. Timed, interleaved round by round so that a noisy machi
 Three kinds of inputs: "random" (independent Gaussian tokens), "video" (a smooth random field over the 32x32
 grid for the keyframes, the frames shifted copies plus noise: near-duplicate tokens, as flat image regions
 give, which widen the pre-search's rescoring window) and "duplicates" (every candidate within 1e-4 of one
-vector: the pre-search's worst case, where every window overflows and the float32 search decides). Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
+vector: the pre-search's worst case, where every window overflows and the float32 search decides).
+Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
 speed-ups, agreement with the reference, machine and versions).
 
     python bench/bench_propagate_cpu.py [--rounds 7] [--dtypes float32 bfloat16] [--inputs random video duplicates]
@@ -42,7 +43,7 @@ import baseline  # noqa: E402,F401  (registers the "baseline" backend: the refer
 from tokenflow.ops import cosine_argmax, propagate, reference  # noqa: E402
 
 B, S, C, R, J = 8, 1024, 640, 3, 2
-# Blend weights of the spec (section 5) for B = 8: w for the group's own keyframe, 1 - w for the previous.
+# TokenFlow's blend weights for B = 8: w for the group's own keyframe, 1 - w for the previous.
 W_CUR = [0.622, 0.651, 0.679, 0.706, 0.731, 0.711, 0.697, 0.687]
 
 

@@ -1,5 +1,6 @@
-"""The benchmark scripts run (tiny model or one round, CPU); they measure nothing here."""
+"""The benchmark scripts and the GPU session script run (tiny model or one round, CPU); they measure nothing here."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,28 +10,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pipeline_benchmark_smoke(tmp_path):
-    out = tmp_path / "pipeline.json"
-    md = tmp_path / "pipeline.md"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--smoke", "--baseline",
-                        "--json", str(out), "--markdown", str(md)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    data = json.loads(out.read_text())
+def test_gpu_session_dry_run(tmp_path):
+    """scripts/gpu_session.sh --dry-run runs every step of the GPU session on the CPU (the built extension,
+    test collection, the micro- and end-to-end benchmarks at smoke size) and checks its result files, so a
+    lent GPU's minutes go to the kernels, not to script bugs."""
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "--dry-run"], cwd=ROOT,
+                       env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    for step in ("wheels", "device", "build", "tests", "micro-benchmarks", "end-to-end", "results"):
+        assert f"== {step}" in r.stdout
+    assert "GPU-marked tests selected" in (tmp_path / "tests.log").read_text()
+    data = json.loads((tmp_path / "pipeline.json").read_text())
     modes = {(row["mode"], row["stage"]) for row in data["rows"]}
     assert modes == {(m, s) for m in ("tokenflow", "reference_pattern") for s in ("invert_2", "edit_2")}
     (edit,) = [r for r in data["rows"] if (r["mode"], r["stage"]) == ("tokenflow", "edit_2")]
     assert edit["simulated_peak_gib"] > 0  # tokenflow.memsim for the same plan, next to the measured peak
     assert data["meta"]["smoke"] and data["meta"]["command"].startswith("python bench/bench_pipeline.py")
-    assert "| frames |" in md.read_text()
-
-
-def test_micro_benchmarks_smoke(tmp_path):
+    assert "| frames |" in (tmp_path / "pipeline.md").read_text()
     for name in ("bench_propagate", "bench_extended_attention"):
-        out = tmp_path / f"{name}.json"
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--json", str(out)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads(out.read_text())
+        assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+
+
+def test_result_check_names_what_is_missing(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"meta": {"device": "x"}, "rows": []}))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "check_results.py"), str(bad)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "meta lacks 'date'" in r.stderr and "no rows" in r.stderr
 
 
 def test_cpu_propagation_benchmark_smoke(tmp_path):

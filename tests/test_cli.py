@@ -51,9 +51,9 @@ def audio_seconds(path: Path) -> float:
 def test_help_lists_every_setting(tmp_path):
     r = cli("--help", cwd=tmp_path)
     assert r.returncode == 0
-    from tokenflow.cli import FLAG_NAMES
+    from tokenflow.cli import flags_of
     for f in EditConfig.keys():
-        flag = FLAG_NAMES.get(f, (f"--{f.replace('_', '-')}",))[0]
+        flag = flags_of(f)[0]
         assert flag in r.stdout, flag
         assert f"config key: {f})" in " ".join(r.stdout.split()), f
     assert "(default: 0.5; config key: pnp_attn_t)" in " ".join(r.stdout.split())

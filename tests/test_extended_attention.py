@@ -1,6 +1,6 @@
 """`tokenflow.ops.extended_attention` on every loaded backend against a naive full-softmax computation.
 
-The naive version (below) is the spec's section 4 written out: explicit logits over the concatenated keys
+The naive version (below) is extended attention written out: explicit logits over the concatenated keys
 of all keyframes of a branch, an explicit softmax, in float64. Without a GPU the `triton` backend runs in
 Triton's interpreter (tests/conftest.py), so shapes are tiny: S not a multiple of the tiles, one keyframe,
 one branch, an odd number of branches >= 1 (the shared-probability kernel pairs them), head dims of the

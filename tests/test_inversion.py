@@ -3,8 +3,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from tokenflow.inversion import ddim_invert, inversion_scheduler, kept_timesteps
+from tokenflow.inversion import ddim_invert, psnr
 from tokenflow.models import load_models
+from tokenflow.schedule import Schedule, inverter
 from tokenflow.tiny import build_tiny_models
 
 
@@ -12,7 +13,7 @@ def test_inverse_scheduler_follows_the_spec_formula():
     sched_cfg = build_tiny_models()[4]
     abar = DDIMScheduler.from_config(sched_cfg).alphas_cumprod
     final_alpha = abar[0]  # set_alpha_to_one = False, as SD 1.x/2.x
-    inv = inversion_scheduler(sched_cfg, 500)
+    inv = inverter(sched_cfg, 500)
     ts = [int(t) for t in inv.timesteps]
     assert ts[:3] == [1, 3, 5] and ts[-1] == 999
     g = torch.Generator().manual_seed(0)
@@ -28,9 +29,9 @@ def test_inverse_scheduler_follows_the_spec_formula():
 
 def test_kept_timesteps_are_the_sampling_ones_plus_the_last():
     sched_cfg = build_tiny_models()[4]
-    keep = kept_timesteps(sched_cfg, 500, 50)
+    keep = Schedule.build(sched_cfg, n_inversion_steps=500, n_timesteps=50).kept
     assert keep[0] == 1 and keep[-2] == 981 and keep[-1] == 999 and len(keep) == 51
-    assert kept_timesteps(sched_cfg, 50, 50)[-1] == 981
+    assert Schedule.build(sched_cfg, n_inversion_steps=50, n_timesteps=50).kept[-1] == 981
 
 
 @pytest.mark.parametrize("variant,damp,bound", [("tiny-random", 0.1, 0.03), ("tiny-random-v", 1.0, 0.1)])
@@ -44,7 +45,7 @@ def test_inversion_then_sampling_reconstructs_the_latents(variant, damp, bound):
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     emb = m.encode_prompt([""])
     n = 50
-    kept = ddim_invert(m, x0, emb, n, keep={981})
+    kept = ddim_invert(m, x0, emb, Schedule.build(m.scheduler_config, n_inversion_steps=n, n_timesteps=n))
     x = kept[981]
     assert (x - x0).abs().mean() > 0.3  # inversion actually moved it
     sched = DDIMScheduler.from_config(m.scheduler_config)
@@ -93,5 +94,20 @@ def test_resumed_inversion_equals_an_uninterrupted_one(tiny_editor, clip, tiny_c
 
 
 def test_reconstruction_check_reports_psnr(tiny_editor, clip, tiny_cfg):
+    """The reported PSNR is that of the inversion sampled back with the sampling schedule (guidance 1, no
+    edit), decoded, against the input: recomputed here step by step with diffusers' DDIM sampler."""
+    from diffusers import DDIMScheduler
+
+    from tokenflow.inversion import decode_latents
+
     inv = tiny_editor.invert(clip, tiny_cfg.replace(reconstruct=True), progress=False)
-    assert inv.reconstruction_psnr is not None and 0 < inv.reconstruction_psnr < 100
+    m = tiny_editor.models
+    sched = DDIMScheduler.from_config(m.scheduler_config)
+    sched.set_timesteps(tiny_cfg.n_timesteps)
+    x = inv.latents_at(inv.timesteps[-1])
+    emb = m.encode_prompt([""]).expand(len(x), -1, -1)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(m.unet(x, t, encoder_hidden_states=emb).sample, t, x).prev_sample
+    want = psnr(torch.cat(list(decode_latents(m, x, len(x)))), clip)
+    assert inv.reconstruction_psnr == pytest.approx(want, abs=0.05)

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from tokenflow.errors import TokenFlowError
-from tokenflow.keyframes import blend_plan, draw_keyframes, make_groups
+from tokenflow.keyframes import blend_weights, draw_keyframes, make_groups
 
 SPEC_WEIGHTS_B8 = [0.622, 0.651, 0.679, 0.706, 0.731, 0.711, 0.697, 0.687]
 
 
 def test_blend_weights_match_the_spec_for_b8():
     groups = make_groups(24, 8, match_reference=True)
-    which, w = blend_plan(groups, 8)
+    which, w = blend_weights(groups, 8)
     for g in (1, 2):
         assert w[g * 8:(g + 1) * 8, 0].tolist() == pytest.approx(SPEC_WEIGHTS_B8, abs=5e-4)
         assert torch.allclose(w[g * 8:(g + 1) * 8].sum(1), torch.ones(8))

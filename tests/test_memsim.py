@@ -3,12 +3,18 @@ against it at SD 2.1-base 512x512, the shapes the planner's constants were fitte
 import pytest
 import torch
 
-from tokenflow.config import EditConfig
 from tokenflow.memsim import LiveBytes, simulate_edit
 from tokenflow.planner import BYTES_PER_TOKEN_CHANNEL, plan_for, records_bytes
+
 from tokenflow.tiny import SD21_UNET_CONFIG
 
 GiB = 2**30
+
+
+def planned(unet, *, keyframes, allocated, max_gpu_mem=None, chunk_frames=None):
+    """The planner at SD 2.1-base 512x512 (latents 64x64), fp16, B = 8, on a GPU with 70 GiB free."""
+    return plan_for(unet, torch.float16, 64, 64, keyframes=keyframes, batch_size=8, chunk_frames=chunk_frames,
+                    max_gpu_mem=max_gpu_mem, free=70 * GiB, allocated=allocated)
 
 
 def test_live_bytes_counts_what_is_alive_at_once():
@@ -68,10 +74,9 @@ def test_plans_stay_within_the_budget_in_simulation(frames, max_gpu_mem):
 
     unet = meta_unet(SD21_UNET_CONFIG)
     weights = 2.4 * GiB  # SD 2.1 UNet + VAE + text encoder in fp16
-    cfg = EditConfig(prompt="x", max_gpu_mem=max_gpu_mem)
-    K = frames // cfg.batch_size
-    plan = plan_for(unet, torch.float16, cfg, 64, 64, K, 70 * GiB, int(weights))
-    sim = simulate_edit(SD21_UNET_CONFIG, frames=frames, height=512, width=512, chunk_frames=plan.chunk_frames,
+    K = frames // 8
+    plan = planned(unet, keyframes=K, max_gpu_mem=max_gpu_mem, allocated=int(weights))
+    sim = simulate_edit(SD21_UNET_CONFIG, frames=frames, height=512, width=512, chunk_frames=plan.frames_per_call,
                         offload_records=plan.offload_records)
     assert sim.peak_bytes <= plan.estimate <= 1.4 * sim.peak_bytes  # the estimate is safe and not wasteful
     assert sim.peak_bytes + weights <= 0.75 * max_gpu_mem * GiB  # room left for fragmentation and workspaces
@@ -96,15 +101,15 @@ def test_planner_flags_and_an_impossible_budget(caplog):
 
     unet = meta_unet(SD21_UNET_CONFIG)
     w = int(2.4 * GiB)
-    fixed = plan_for(unet, torch.float16, EditConfig(prompt="x", chunk_frames=12), 64, 64, 50, 70 * GiB, w)
-    assert (fixed.chunk_frames, fixed.vae_frames) == (12, 12)  # --chunk-frames wins for the UNet and the VAE
-    roomy = plan_for(unet, torch.float16, EditConfig(prompt="x"), 64, 64, 5, 70 * GiB, w)
-    assert not roomy.offload_records and roomy.chunk_frames == 64 and roomy.vae_frames >= 32
+    fixed = planned(unet, keyframes=50, chunk_frames=12, allocated=w)
+    # --chunk-frames wins for the UNet and the VAE
+    assert (fixed.frames_per_call, fixed.vae_frames_per_call) == (12, 12)
+    roomy = planned(unet, keyframes=5, allocated=w)
+    assert not roomy.offload_records and roomy.frames_per_call == 64 and roomy.vae_frames_per_call >= 32
     with caplog.at_level(logging.WARNING, logger="tokenflow"):
-        tight = plan_for(unet, torch.float16, EditConfig(prompt="x", max_gpu_mem=6), 64, 64, 125, 70 * GiB, w)
-    assert tight.offload_records and tight.chunk_frames == 1
+        tight = planned(unet, keyframes=125, max_gpu_mem=6, allocated=w)
+    assert tight.offload_records and tight.frames_per_call == 1
     assert "keyframe pass of 125 keyframes needs about" in caplog.text
     # Inversion runs one row per frame: three times the frames of an edit call in the same budget.
-    small = EditConfig(prompt="x", max_gpu_mem=6)
-    edit, invert = (plan_for(unet, torch.float16, small, 64, 64, k, 70 * GiB, w) for k in (1, 0))
-    assert invert.chunk_frames >= 2 * edit.chunk_frames > 0
+    edit, invert = (planned(unet, keyframes=k, max_gpu_mem=6, allocated=w) for k in (1, 0))
+    assert invert.frames_per_call >= 2 * edit.frames_per_call > 0

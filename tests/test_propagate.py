@@ -10,9 +10,6 @@ a search bug.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """The whole edit against an independent, reference-style implementation (the oracle).
 
-The oracle follows the published TokenFlow code's structure (spec sections 3 to 6), not ours: it
+The oracle follows the published TokenFlow code's structure, not ours: it
 replaces every transformer block's forward with one that computes attention itself (per-head loops,
 K/V repeated for every keyframe, the full similarity matrix, gather with indices repeated over
 channels, the reference's weight formula), patches conv injection into the residual branch, and runs

@@ -14,8 +14,8 @@ from PIL import Image
 from tokenflow.config import EditConfig
 from tokenflow.errors import TokenFlowError
 from tokenflow.sample import FPS, HEIGHT, N_FRAMES, SAMPLE_PATH, WIDTH, flow, motion, render
-from tokenflow.video import (Resize, plan_resize, plan_size, probe, read_frames, resize_frames, side_by_side,
-                             write_png_frames, write_video)
+from tokenflow.video import (Resize, probe, read_frames, resize_for, resize_frames, side_by_side, write_png_frames,
+                             write_video)
 
 
 def smooth_clip(n=12, h=64, w=96):
@@ -172,17 +172,17 @@ def test_bad_inputs(tmp_path):
     ((640, 480), {"match_reference": True, "resize": "stretch", "width": 672, "height": 384}, (672, 384)),
     ((500, 500), {"match_reference": True, "resize": "stretch", "width": 384, "height": 384}, (512, 512)),
 ])
-def test_plan_size(src, kw, want):
-    cfg = EditConfig(**kw).validate()
-    W, H = plan_size(*src, cfg)
-    assert (W, H) == want and W % 8 == 0 and H % 8 == 0
+def test_resize_for(src, kw, want):
+    EditConfig(**kw).validate()  # the same keys as the config's
+    r = resize_for(*src, **kw)
+    assert (r.width, r.height) == want and r.width % 8 == 0 and r.height % 8 == 0
 
 
 def test_reference_mode_stretches_square_inputs_twice():
     # the reference extracted frames at W x H, then resized square ones to 512 x 512
-    r = plan_resize(500, 500, EditConfig(match_reference=True, resize="stretch", width=384, height=384))
+    r = resize_for(500, 500, match_reference=True, resize="stretch", width=384, height=384)
     assert r == Resize(512, 512, "stretch", via=(384, 384))
-    assert plan_resize(640, 480, EditConfig(match_reference=True, resize="stretch")).via is None
+    assert resize_for(640, 480, match_reference=True, resize="stretch").via is None
 
 
 def test_resize_policies():

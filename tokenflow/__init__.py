@@ -13,7 +13,10 @@ def __getattr__(name):  # the editor pulls in diffusers: import it only when ask
     if name in ("TokenFlowEditor", "EditResult", "Inversion"):
         from tokenflow import editor
         return getattr(editor, name)
+    if name == "EditJob":
+        from tokenflow.job import EditJob
+        return EditJob
     raise AttributeError(name)
 
 
-__all__ = ["EditConfig", "TokenFlowEditor", "TokenFlowError"]
+__all__ = ["EditConfig", "EditJob", "TokenFlowEditor", "TokenFlowError"]

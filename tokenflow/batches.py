@@ -18,8 +18,13 @@ class Batches:
     def __init__(self, size: int, what: str, unit: str = "frames"):
         self.size, self.what, self.unit = max(1, size), what, unit
 
-    def run(self, n: int, fn, progress: bool = False):
-        """Yield fn(a, b) for batches covering [0, n), in order."""
+    @classmethod
+    def of(cls, size_or_batches: "int | Batches") -> "Batches":
+        return size_or_batches if isinstance(size_or_batches, Batches) else cls(size_or_batches, "the VAE")
+
+    def run(self, n: int, fn, progress: bool = False, what: str | None = None):
+        """Yield fn(a, b) for batches covering [0, n), in order. `what` names this run in messages."""
+        self.what = what or self.what
         a = 0
         with bar(total=n, desc=self.what, enabled=progress, unit=self.unit.rstrip("s")) as pbar:
             while a < n:

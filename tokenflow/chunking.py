@@ -7,8 +7,8 @@ still gets every keyframe's rows and attends over all their keys, so the result 
 
 A chunk takes the same keyframes from each of the three branches ([source | uncond | cond] rows), so
 hooks that mix branches inside a chunked module (the conv injection) still see whole triples.
-Installed with diffusers' hook registry on the per-row modules; active only in keyframe passes with
-`state.keyframe_chunk` set and smaller than K.
+Installed with diffusers' hook registry on the per-row modules (by `tokenflow.processors.install`); active
+only in keyframe passes with `settings.keyframes_per_chunk` set and smaller than K.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-from tokenflow.state import KEYFRAME, StepState
+from tokenflow.state import KEYFRAME, CallState, RunSettings
 
 HOOK = "tokenflow_keyframe_chunks"
 
@@ -31,19 +31,19 @@ def branch_chunks(K: int, chunk: int):
 
 
 class KeyframeChunks(ModelHook):
-    def __init__(self, state: StepState):
+    def __init__(self, state: CallState, settings: RunSettings):
         super().__init__()
-        self.state = state
+        self.state, self.settings = state, settings
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
-        st = self.state
+        chunk = self.settings.keyframes_per_chunk
         x = args[0] if args else next(iter(kwargs.values()))
         n = x.shape[0]
-        if st.kind != KEYFRAME or not st.keyframe_chunk or n // 3 <= st.keyframe_chunk:
+        if self.state.kind != KEYFRAME or not chunk or n // 3 <= chunk:
             return forward(*args, **kwargs)
         out = None
-        for idx in branch_chunks(n // 3, st.keyframe_chunk):
+        for idx in branch_chunks(n // 3, chunk):
             pick = lambda v: v[idx.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v  # noqa: E731
             y = forward(*[pick(a) for a in args], **{k: pick(v) for k, v in kwargs.items()})
             if out is None:
@@ -52,13 +52,12 @@ class KeyframeChunks(ModelHook):
         return out
 
 
-def install(unet, state: StepState) -> None:
+def install(unet, state: CallState, settings: RunSettings) -> None:
+    """Hook every per-row module (removed with the registry's `remove_hook(HOOK)`)."""
     targets = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D))]
     for block in unet.modules():
         if isinstance(block, BasicTransformerBlock):
+            assert isinstance(block.ff, FeedForward)
             targets += [block.attn2, block.ff] if block.attn2 is not None else [block.ff]
     for m in targets:
-        registry = HookRegistry.check_if_exists_or_initialize(m)
-        if registry.get_hook(HOOK) is None:
-            registry.register_hook(KeyframeChunks(state), HOOK)
-    assert all(isinstance(b.ff, FeedForward) for b in unet.modules() if isinstance(b, BasicTransformerBlock))
+        HookRegistry.check_if_exists_or_initialize(m).register_hook(KeyframeChunks(state, settings), HOOK)

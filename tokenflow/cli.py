@@ -37,6 +37,11 @@ DEFAULT_OUT_DIR = Path("tokenflow_out")
 # Flags whose name is not the field name: `start` is the reference's SDEdit key, so `--start` is left
 # to the input's first frame, as video tools name it; `--frames` reads better than `--n-frames`.
 FLAG_NAMES = {"start": ("--sdedit-start",), "n_frames": ("--frames", "--n-frames")}
+
+
+def flags_of(key: str) -> tuple[str, ...]:
+    """The flags of EditConfig key `key`, the first one the name the help and messages use."""
+    return FLAG_NAMES.get(key, (f"--{key.replace('_', '-')}",))
 CHOICES = {"mode": MODES, "resize": RESIZE, "dtype": DTYPES}
 HELP = {
     "prompt": "what the edited video should show",
@@ -123,7 +128,7 @@ def _add_config_flags(group) -> None:
         help_text = HELP.get(f.name) or comments.get(f.name) or f.name.replace("_", " ")
         shown = "none" if default is None else repr(default) if isinstance(default, str) else default
         help_text = f"{help_text} (default: {shown}; config key: {f.name})".replace("%", "%%")
-        names = FLAG_NAMES.get(f.name, (f"--{f.name.replace('_', '-')}",))
+        names = flags_of(f.name)
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if base is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -294,7 +299,7 @@ class Outputs:
         self._staged.clear()
 
 
-def plan_outputs(args, cfg: EditConfig, src: Path) -> Outputs:
+def output_paths(args, cfg: EditConfig, src: Path) -> Outputs:
     name = f"{src.stem}_{_slug(cfg.prompt)}.mp4"
     if args.output is None:  # the default folder is made when the outputs are written, not before
         video = DEFAULT_OUT_DIR / name
@@ -351,7 +356,7 @@ def _fmt_timings(t: dict[str, float]) -> str:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    from tokenflow.video import plan_resize, probe
+    from tokenflow.video import probe, resize_for
 
     quiet = args.quiet
     cfg, sel = resolve(args)
@@ -360,14 +365,15 @@ def run(command: str, args: argparse.Namespace) -> int:
     src = input_path(sel["input"])
     info = probe(src)
     fps = sel["fps"] if (info.is_folder and sel["fps"]) else info.fps
-    resize = plan_resize(info.width, info.height, cfg)
+    resize = resize_for(info.width, info.height, width=cfg.width, height=cfg.height, resize=cfg.resize,
+                        match_reference=cfg.match_reference)
     W, H = resize.width, resize.height
-    outputs = plan_outputs(args, cfg, src) if command != "invert" else None
+    outputs = output_paths(args, cfg, src) if command != "invert" else None
     depth_src = input_path(cfg.depth) if cfg.depth else None
     if depth_src is not None:
         probe(depth_src)
 
-    from tokenflow.tiny import TINY_VARIANTS
+    from tokenflow.models import TINY_VARIANTS
     tiny = cfg.model in TINY_VARIANTS
     if tiny:
         _tiny_warning()
@@ -458,14 +464,11 @@ def _setup_logging(args) -> None:
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
 
 
-def _name_flag(message: str) -> str:
-    """'n_frames = 0 must ...' (the engine speaks in config keys) -> also name the flag the user typed."""
-    m = re.match(r"(\w+) = ", message)
-    if m and m.group(1) in EditConfig.keys():
-        key = m.group(1)
-        flag = FLAG_NAMES.get(key, (f"--{key.replace('_', '-')}",))[0]
-        return f"{message} (flag {flag}, config key {key})"
-    return message
+def _describe(e: TokenFlowError) -> str:
+    """The engine speaks in config keys (`e.key`); the user also gets the flag they typed."""
+    if e.key in EditConfig.keys():
+        return f"{e} (flag {flags_of(e.key)[0]}, config key {e.key})"
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(command, args)
     except TokenFlowError as e:
-        _fail(_name_flag(str(e)))
+        _fail(_describe(e))
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; no partial output is left (finished inversion chunks stay in the latent "
               f"store and are reused by the next run)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Every setting of a run, with its default, in one place (spec section 1).
+"""Every setting of a run, with its default, in one place (the reference implementation's defaults).
 
 `EditConfig` is what the Python API takes and what the CLI writes beside its output. The reference
 implementation's YAML keys (`sd_version`, `n_frames`, `data_path`, ...) are accepted by `from_mapping`.
@@ -6,7 +6,7 @@ implementation's YAML keys (`sd_version`, `n_frames`, `data_path`, ...) are acce
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from tokenflow.errors import TokenFlowError
 
@@ -29,7 +29,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 @dataclass
 class EditConfig:
-    """Settings of one edit. Defaults are the reference configuration (spec section 1)."""
+    """Settings of one edit. Defaults are the reference implementation's configuration."""
 
     prompt: str = ""
     negative_prompt: str = DEFAULT_NEGATIVE
@@ -63,40 +63,38 @@ class EditConfig:
     resume: bool = True  # continue an interrupted (or reuse a finished) edit from its checkpoint in the store
 
     def validate(self) -> "EditConfig":
-        def bad(msg):
-            raise TokenFlowError(msg)
+        """Check every value; a problem raises TokenFlowError naming its key (the CLI adds the flag)."""
+        def bad(key, msg):
+            raise TokenFlowError(msg, key=key)
 
-        if self.mode not in MODES:
-            bad(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.resize not in RESIZE:
-            bad(f"resize {self.resize!r} is not one of {', '.join(RESIZE)}")
-        if self.dtype not in DTYPES:
-            bad(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for key, choices in (("mode", MODES), ("resize", RESIZE), ("dtype", DTYPES)):
+            if getattr(self, key) not in choices:
+                bad(key, f"{key} {getattr(self, key)!r} is not one of {', '.join(choices)}")
         for name in ("pnp_attn_t", "pnp_f_t", "start"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                bad(f"{name} = {v} is out of range: it is a fraction of the steps, between 0 and 1")
+                bad(name, f"{name} = {v} is out of range: it is a fraction of the steps, between 0 and 1")
         for name in ("n_timesteps", "n_inversion_steps", "batch_size"):
             if getattr(self, name) < 1:
-                bad(f"{name} = {getattr(self, name)} must be at least 1")
-        if self.n_timesteps > 1000 or self.n_inversion_steps > 1000:
-            bad("n_timesteps and n_inversion_steps must be at most 1000 (the training timesteps)")
+                bad(name, f"{name} = {getattr(self, name)} must be at least 1")
+        for name in ("n_timesteps", "n_inversion_steps"):
+            if getattr(self, name) > 1000:
+                bad(name, f"{name} = {getattr(self, name)} must be at most 1000 (the training timesteps)")
         if self.guidance_scale < 0:
-            bad(f"guidance_scale = {self.guidance_scale} must be >= 0")
+            bad("guidance_scale", f"guidance_scale = {self.guidance_scale} must be >= 0")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
-                bad(f"{name} = {v} must be a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round((v or 8) / 8) * 8)}")
-        if self.n_frames is not None and self.n_frames < 1:
-            bad(f"n_frames = {self.n_frames} must be at least 1")
-        if self.chunk_frames is not None and self.chunk_frames < 1:
-            bad(f"chunk_frames = {self.chunk_frames} must be at least 1")
+                bad(name, f"{name} = {v} must be a positive multiple of 8 (the VAE downsamples by 8); "
+                          f"try {max(8, round(v / 8) * 8)}")
+        for name in ("n_frames", "chunk_frames", "keyframe_window"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                bad(name, f"{name} = {v} must be at least 1")
         from tokenflow.ops.backends import known
 
         if self.backend not in known():
-            bad(f"backend {self.backend!r} is not one of {', '.join(known())}")
-        if self.keyframe_window is not None and self.keyframe_window < 1:
-            bad(f"keyframe_window = {self.keyframe_window} must be at least 1")
+            bad("backend", f"backend {self.backend!r} is not one of {', '.join(known())}")
         return self
 
     def replace(self, **changes) -> "EditConfig":

@@ -1,4 +1,4 @@
-"""The analytic cost model (spec section 9), the one place benchmarks and docs take FLOP counts from.
+"""The analytic cost model, the one place benchmarks and docs take FLOP counts from.
 
 2 FLOP per multiply-add. Defaults are SD 2.1-base at 512 x 512: the self-attention levels below.
 """
@@ -28,7 +28,7 @@ def propagate_flops(S: int, C: int, frames: int, candidates: int = 2) -> float:
 
 
 def edit_step_flops(N: int, B: int = 8, levels=SD21_LEVELS, scale: float = 1.0) -> dict[str, float]:
-    """FLOP of one denoising step of the edit, by part (spec: about 97 TFLOP at N = 40)."""
+    """FLOP of one denoising step of the edit, by part (about 97 TFLOP at N = 40, SD 2.1-base 512x512)."""
     K = -(-N // B)
     A = attention_sum(levels, scale)
     parts = {

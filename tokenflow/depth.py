@@ -23,11 +23,12 @@ def depth_maps(models, frames: torch.Tensor, given: torch.Tensor | None, chunk: 
     h, w = H // 8, W // 8
     if given is not None:
         if len(given) < n:
-            raise TokenFlowError(f"the depth video has {len(given)} frames but the input has {n}; give one depth map per frame")
+            raise TokenFlowError(f"the depth video has {len(given)} frames but the input has {n}; give one depth map "
+                                 f"per frame", key="depth")
         return normalise(given[:n, :1].float(), h, w)
     if models.depth_estimator is None:
-        raise TokenFlowError("mode 'depth' needs depth maps: pass --depth VIDEO_OR_FRAMES, or use a depth model "
-                             "folder that ships its estimator (depth_estimator/ and feature_extractor/)")
+        raise TokenFlowError("mode 'depth' needs depth maps: give a depth video or frame folder, or use a depth "
+                             "model folder that ships its estimator (depth_estimator/ and feature_extractor/)", key="depth")
     model, proc = models.depth_estimator
     out = []
     for a in range(0, n, chunk):

@@ -5,9 +5,15 @@
     editor = TokenFlowEditor.from_config(cfg)
     result = editor.edit(frames, cfg)      # frames: uint8 [N, 3, H, W], H and W multiples of 8
     result.frames                          # uint8 [N', 3, H, W]
+
+The path of one edit: `prepare` resolves frames and settings into an `EditJob` (tokenflow.job) once;
+`invert(job)` encodes the frames and DDIM-inverts them into the latent store (or reuses what it holds);
+`edit(job)` installs the TokenFlow processors, denoises (keyframe pass, then group passes, every step),
+removes them and decodes. `invert(frames, cfg)` and `edit(frames, cfg)` prepare the job themselves.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -15,21 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
 
 from tokenflow import __version__
+from tokenflow.batches import Batches
 from tokenflow.config import EditConfig
-from tokenflow.depth import depth_maps
-from tokenflow.editing import EditPlan, edit_latents, initial_latents, inversion_noise, start_index
+from tokenflow.editing import edit_latents, initial_latents, inversion_noise
 from tokenflow.errors import TokenFlowError
-from tokenflow.inversion import (decode_latents, encode_frames, invert_into_store, kept_timesteps, model_input,
-                                 psnr, sampling_timesteps)
-from tokenflow.keyframes import make_groups
+from tokenflow.inversion import decode_latents, encode_frames, invert_into_store, model_input, psnr
+from tokenflow.job import EditJob, resolve
 from tokenflow.latent_store import EditCheckpoint, LatentStore, frames_digest
 from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
-from tokenflow.planner import MemoryPlan, plan_memory
-from tokenflow.processors import install
-from tokenflow.state import KeyframeRecords, StepState
+from tokenflow.planner import MemoryPlan
+from tokenflow.processors import TokenFlowHooks, install
+from tokenflow.state import KeyframeRecords, RunSettings
 
 log = logging.getLogger("tokenflow")
 
@@ -63,11 +67,12 @@ class Inversion:
 @dataclass
 class EditResult:
     frames: torch.Tensor  # uint8 [N, 3, H, W]
+    latents: torch.Tensor  # [N, 4, h, w] the edited latents at t = 0 (host, float32), before decoding
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     peak_gpu_mem: int | None = None  # bytes, on CUDA
     inversion_reused: bool = False
     inversion_path: Path | None = None
-    memory_plan: MemoryPlan | None = None  # the planner's choice (OOM retries, logged, may have shrunk it)
+    memory_plan: MemoryPlan | None = None  # the plan that ran (OOM retries included)
     resumed_steps: int = 0  # denoising steps an earlier, interrupted (or finished) run had already done
 
 
@@ -75,8 +80,7 @@ class TokenFlowEditor:
     def __init__(self, models: Models, *, cache_dir: str | Path | None = None):
         self.models = models
         self.cache_dir = cache_dir
-        self.state = StepState()
-        install(models.unet, self.state)
+        self.hooks: TokenFlowHooks | None = None  # installed while an edit runs
 
     @classmethod
     def from_config(cls, cfg: EditConfig) -> "TokenFlowEditor":
@@ -85,162 +89,114 @@ class TokenFlowEditor:
                              model_config=cfg.model_config)
         return cls(models, cache_dir=cfg.cache_dir)
 
-    # -- inputs --------------------------------------------------------------------------------------
-    def _frames(self, frames: torch.Tensor, cfg: EditConfig) -> tuple[torch.Tensor, list[range]]:
-        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
-            got = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames).__name__
-            raise TokenFlowError(f"frames must be a uint8 tensor [N, 3, H, W]; got {got}")
-        if len(frames) == 0:
-            raise TokenFlowError("the video has no frames")
-        H, W = frames.shape[2:]
-        if H % 8 or W % 8:
-            raise TokenFlowError(f"frame size {W}x{H} is not a multiple of 8 (the VAE downsamples by 8); "
-                                 f"resize to {W // 8 * 8}x{H // 8 * 8} (the CLI does this for you)")
-        if cfg.n_frames is not None:
-            frames = frames[:cfg.n_frames]
-        groups = make_groups(len(frames), cfg.batch_size, cfg.match_reference)
-        return frames[:groups[-1].stop], groups
+    def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None) -> EditJob:
+        """Resolve `frames` (uint8 [N, 3, H, W]) and `cfg` into an EditJob for `invert` and `edit`."""
+        return resolve(self.models, frames, cfg, depth)
 
-    def _depth(self, frames, cfg, depth, chunk):
-        if not self.models.is_depth:
-            if cfg.mode == "depth":
-                raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
-                                     f"sd2-community/stable-diffusion-2-depth); {self.models.name} is not one")
-            return None
-        return depth_maps(self.models, frames, depth, chunk)
-
-    def _key(self, frames, cfg, depth, keep: list[int]) -> dict:
-        return {"model": self.models.name, "weights": self.models.fingerprint(), "dtype": str(self.models.dtype),
-                "size": list(frames.shape[2:]), "frames": frames_digest(frames), "prompt": cfg.inversion_prompt,
-                "steps": cfg.n_inversion_steps,
-                "keep": keep,
-                "depth": None if depth is None else frames_digest((depth * 127.5 + 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1))}
+    def _job(self, frames, cfg, depth) -> EditJob:
+        if isinstance(frames, EditJob):
+            if cfg is not None or depth is not None:
+                raise TypeError("an EditJob carries its config and depth: pass the job alone")
+            return frames
+        if cfg is None:
+            raise TypeError("give the frames with an EditConfig, or a job from prepare()")
+        return self.prepare(frames, cfg, depth=depth)
 
     # -- stages --------------------------------------------------------------------------------------
-    def invert(self, frames: torch.Tensor, cfg: EditConfig, *, progress: bool = True,
+    def invert(self, frames: torch.Tensor | EditJob, cfg: EditConfig | None = None, *, progress: bool = True,
                depth: torch.Tensor | None = None, _timings: dict | None = None) -> Inversion:
-        """DDIM-invert `frames` (uint8 [N, 3, H, W]) into the latent store, or reuse/resume what is there."""
-        cfg.validate()
+        """DDIM-invert the job's frames into the latent store, or reuse/resume what is there."""
+        job = self._job(frames, cfg, depth)
+        cfg = job.cfg
         timings = {} if _timings is None else _timings
         m = self.models
-        frames, _ = self._frames(frames, cfg)
-        mem = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8)
-        chunk = mem.chunk_frames
-        d = self._depth(frames, cfg, depth, mem.vae_frames)
-        keep = kept_timesteps(m.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps)
-        store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d, keep), chunk)
+        store = LatentStore(cfg.cache_dir or self.cache_dir, self._store_key(job),
+                            job.memory.inversion_frames_per_call)
         with _timed(timings, "encode"):
             x0 = store.load_x0()
             if x0 is None:
-                store.save_x0(encode_frames(m, frames, mem.vae_frames, progress))
+                store.save_x0(encode_frames(m, job.frames, job.vae, progress))
                 x0 = store.load_x0()  # the stored copy, so a fresh and a reused inversion edit identically
         emb = m.encode_prompt([cfg.inversion_prompt])
         reused = store.complete
         with _timed(timings, "invert"):
-            n = 0 if reused else invert_into_store(m, store, x0, emb, cfg.n_inversion_steps, keep, d, progress)
-        inv = Inversion(store, x0, keep, reused, n, depth=d)
+            n = 0 if reused else invert_into_store(m, store, x0, emb, job.schedule, job.depth, progress)
+        inv = Inversion(store, x0, list(job.schedule.kept), reused, n, depth=job.depth)
         if cfg.reconstruct:
             with _timed(timings, "reconstruct"):
-                inv.reconstruction_psnr = self._reconstruction_psnr(frames, inv, emb, cfg, d, mem, progress)
+                inv.reconstruction_psnr = self._reconstruction_psnr(job, inv, emb, progress)
             log.info("reconstruction PSNR: %.2f dB", inv.reconstruction_psnr)
         return inv
 
+    def _store_key(self, job: EditJob) -> dict:
+        m, cfg, d = self.models, job.cfg, job.depth
+        return {"model": m.name, "weights": m.fingerprint(), "dtype": str(m.dtype),
+                "size": list(job.frames.shape[2:]), "frames": frames_digest(job.frames), "prompt": cfg.inversion_prompt,
+                "steps": cfg.n_inversion_steps, "keep": list(job.schedule.kept),
+                "depth": None if d is None else frames_digest((d * 127.5 + 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1))}
+
     @torch.no_grad()
-    def _reconstruction_psnr(self, frames, inv, emb, cfg, depth, mem, progress) -> float:
+    def _reconstruction_psnr(self, job: EditJob, inv: Inversion, emb: torch.Tensor, progress: bool) -> float:
         """DDIM-sample the noisiest kept latent back (no edit, guidance 1) and compare with the input."""
         m = self.models
-        sched = DDIMScheduler.from_config(m.scheduler_config)
-        sched.set_timesteps(cfg.n_timesteps)
-        x = inv.latents_at(inv.timesteps[-1])
-        chunk = mem.chunk_frames
+        sched = job.schedule.sampler()
+        x = inv.latents_at(job.schedule.noisiest_kept)
+        chunk = job.memory.inversion_frames_per_call
         for t in sched.timesteps:
             for a in range(0, len(x), chunk):
                 xa = x[a:a + chunk].to(m.device)
-                d = None if depth is None else depth[a:a + chunk].to(m.device)
+                d = None if job.depth is None else job.depth[a:a + chunk].to(m.device)
                 out = m.unet(model_input(xa, d).to(m.dtype), t, encoder_hidden_states=emb.expand(len(xa), -1, -1)).sample
                 x[a:a + chunk] = sched.step(out.float(), t, xa).prev_sample.cpu()
-        recon = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
-        return psnr(recon, frames)
+        recon = torch.cat(list(decode_latents(m, x, job.vae, progress)))
+        return psnr(recon, job.frames)
 
-    def edit(self, frames: torch.Tensor, cfg: EditConfig, *, progress: bool = True,
+    def edit(self, frames: torch.Tensor | EditJob, cfg: EditConfig | None = None, *, progress: bool = True,
              depth: torch.Tensor | None = None, inversion: Inversion | None = None) -> EditResult:
-        """Edit `frames` (uint8 [N, 3, H, W]) with `cfg.prompt`; inverts first unless the store has it."""
-        cfg.validate()
+        """Edit the job's frames with its prompt; inverts first unless `inversion` is given or stored."""
+        job = self._job(frames, cfg, depth)
+        cfg = job.cfg
         if not cfg.prompt.strip():
-            raise TokenFlowError("the prompt is empty: say what the edited video should show (--prompt \"...\")")
+            raise TokenFlowError("the prompt is empty: say what the edited video should show", key="prompt")
         m = self.models
         if m.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(m.device)
         timings: dict[str, float] = {}
-        frames, groups = self._frames(frames, cfg)
-        op_backends = forced_backends(cfg.backend, m.device, m.dtype)  # a bad --backend fails before any work
         if inversion is None:
-            inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
-        mem = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8, keyframes=len(groups))
-        chunk = mem.chunk_frames
-        d = inversion.depth if inversion.depth is not None else self._depth(frames, cfg, depth, mem.vae_frames)
-
-        timesteps = sampling_timesteps(m.scheduler_config, cfg.n_timesteps)
-        sched = DDIMScheduler.from_config(m.scheduler_config)
-        first = start_index(cfg.mode, cfg.start, timesteps, sched.config.num_train_timesteps)
+            inversion = self.invert(job, progress=progress, _timings=timings)
+        schedule = job.schedule
+        sched = schedule.sampler()
         x0 = inversion.x0
-        T = inversion.timesteps[-1]
+        T = schedule.noisiest_kept
         if cfg.mode == "sdedit" and not cfg.use_ddim_noise:
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))
         else:
             eps = inversion_noise(sched, x0, inversion.latents_at(T), T)
-        x = initial_latents(sched, x0, eps, timesteps[first])
-        plan = EditPlan(
-            groups=groups, batch_size=cfg.batch_size, guidance_scale=cfg.guidance_scale, timesteps=timesteps,
-            first_step=first,
-            n_qk_steps=int(cfg.n_timesteps * cfg.pnp_attn_t) if cfg.mode != "sdedit" else 0,
-            n_conv_steps=int(cfg.n_timesteps * cfg.pnp_f_t) if cfg.mode != "sdedit" else 0,
-            seed=cfg.seed, groups_per_call=max(1, chunk // cfg.batch_size))
+        x = initial_latents(sched, x0, eps, schedule.sampling[schedule.first_step])
         embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
-        self.state.backends = op_backends
-        self.state.keyframe_window = cfg.keyframe_window
-        self.state.keyframe_chunk = chunk
-        self.state.records = KeyframeRecords(offload=mem.offload_records)
+        plan = job.memory
+        settings = RunSettings(dict(job.backends), cfg.keyframe_window, plan.keyframes_per_chunk)
+        group_batches = Batches(max(1, plan.frames_per_call // cfg.batch_size), "the group passes", unit="groups")
         checkpoint = EditCheckpoint(inversion.store, {"tokenflow": __version__,
                                                        **{k: getattr(cfg, k) for k in EDIT_KEY_FIELDS}})
         if not cfg.resume:
             checkpoint.discard()
         done = checkpoint.step()
-        resumed = 0 if done is None else max(0, done + 1 - first)
-        with _timed(timings, "edit"):
-            x = edit_latents(m, self.state, plan, x, inversion.latents_at, embs, d, progress, checkpoint)
+        resumed = 0 if done is None else max(0, done + 1 - schedule.first_step)
+        with _timed(timings, "edit"), install(m.unet, settings, KeyframeRecords(plan.offload_records)) as hooks:
+            self.hooks = hooks
+            try:
+                x = edit_latents(m, hooks, job.loop(), x, inversion.latents_at, embs, job.depth,
+                                 group_batches=group_batches, progress=progress, checkpoint=checkpoint)
+            finally:
+                self.hooks = None
         with _timed(timings, "decode"):
-            out = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
+            out = torch.cat(list(decode_latents(m, x, job.vae, progress)))
+        ran = dataclasses.replace(
+            plan, frames_per_call=group_batches.size * cfg.batch_size, keyframes_per_chunk=settings.keyframes_per_chunk,
+            vae_frames_per_call=job.vae.size, offload_records=hooks.records.offload)
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
-        return EditResult(out, timings, peak, inversion.reused, inversion.path, mem, resumed)
-
-
-def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
-    """op -> backend for `--backend NAME`: NAME for the operations it implements, auto for the others
-    (e.g. the C++ `cpu` backend only propagates). Checked up front on a probe of the model's device and dtype."""
-    from tokenflow.ops import backends
-
-    if name == "auto":
-        return {}
-    reason = backends.why_unavailable(name)
-    if reason:
-        raise TokenFlowError(f"--backend {name}: {reason}; use --backend auto")
-    b = backends.get(name)
-    probe = dict(x=torch.zeros(1, 8, 64, device=device, dtype=dtype), key_feats=torch.zeros(1, 8, 64, device=device, dtype=dtype),
-                 key_out=torch.zeros(3, 1, 8, 64, device=device, dtype=dtype), which=torch.zeros(1, 2, dtype=torch.long, device=device),
-                 weights=torch.zeros(1, 2, device=device), residual=None)
-    qkv = torch.zeros(3, 1, 8, 64, device=device, dtype=dtype)
-    probes = {"propagate": probe, "extended_attention": dict(q=qkv, k=qkv, v=qkv, heads=1, shared_qk=False)}
-    out = {}
-    for op, inputs in probes.items():
-        if op in b.ops:
-            reason = b.why_not(op, **inputs)
-            if reason:
-                raise TokenFlowError(f"--backend {name} cannot run {op} here: {reason}; use --backend auto")
-            out[op] = name
-    if not out:
-        raise TokenFlowError(f"--backend {name} implements neither operation the editor runs; use --backend auto")
-    return out
+        return EditResult(out, x, timings, peak, inversion.reused, inversion.path, ran, resumed)
 
 
 @contextmanager

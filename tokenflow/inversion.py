@@ -1,39 +1,13 @@
-"""VAE encoding/decoding and DDIM inversion of every frame (spec section 2)."""
+"""VAE encoding/decoding and DDIM inversion of every frame."""
 from __future__ import annotations
 
 import math
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
-
 from tokenflow.batches import Batches
-from tokenflow.errors import TokenFlowError
 from tokenflow.latent_store import LatentStore
 from tokenflow.progress import bar
-
-
-def sampling_timesteps(scheduler_config: dict, n_timesteps: int) -> list[int]:
-    s = DDIMScheduler.from_config(scheduler_config)
-    s.set_timesteps(n_timesteps)
-    return [int(t) for t in s.timesteps]
-
-
-def inversion_scheduler(scheduler_config: dict, n_steps: int) -> DDIMInverseScheduler:
-    s = DDIMInverseScheduler.from_config(scheduler_config)
-    s.set_timesteps(n_steps)
-    return s
-
-
-def kept_timesteps(scheduler_config: dict, n_inversion_steps: int, n_timesteps: int) -> list[int]:
-    """The timesteps whose latents the store keeps: the sampling timesteps and the final one."""
-    inv = [int(t) for t in inversion_scheduler(scheduler_config, n_inversion_steps).timesteps]
-    samp = sampling_timesteps(scheduler_config, n_timesteps)
-    missing = sorted(set(samp) - set(inv))
-    if missing:
-        raise TokenFlowError(
-            f"the {n_timesteps} sampling timesteps are not all on the {n_inversion_steps}-step inversion grid "
-            f"(e.g. t = {missing[0]}); choose n_inversion_steps as a multiple of n_timesteps (e.g. 500 or 50)")
-    return sorted(set(samp) | {inv[-1]})
+from tokenflow.schedule import Schedule
 
 
 def model_input(x: torch.Tensor, depth: torch.Tensor | None) -> torch.Tensor:
@@ -42,34 +16,38 @@ def model_input(x: torch.Tensor, depth: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_frames(models, frames: torch.Tensor, chunk: int, progress: bool = False) -> torch.Tensor:
-    """uint8 frames [N, 3, H, W] -> latents [N, 4, H/8, W/8] (posterior mean x scaling), float32 on the host."""
+def encode_frames(models, frames: torch.Tensor, batches: Batches | int, progress: bool = False) -> torch.Tensor:
+    """uint8 frames [N, 3, H, W] -> latents [N, 4, H/8, W/8] (posterior mean x scaling), float32 on the host.
+    batches: frames per VAE call, or a Batches object that keeps an OOM halving for later calls."""
     def encode(a, b):
         x = frames[a:b].to(models.device, models.dtype) / 127.5 - 1.0
         return (models.vae.encode(x).latent_dist.mean * models.scaling_factor).float().cpu()
-    return torch.cat(list(Batches(chunk, "encode").run(len(frames), encode, progress)))
+    return torch.cat(list(Batches.of(batches).run(len(frames), encode, progress, what="encode")))
 
 
 @torch.no_grad()
-def decode_latents(models, latents: torch.Tensor, chunk: int, progress: bool = False):
-    """Latents [N, 4, h, w] -> uint8 frames [N, 3, H, W], chunk by chunk (a generator)."""
+def decode_latents(models, latents: torch.Tensor, batches: Batches | int, progress: bool = False):
+    """Latents [N, 4, h, w] -> uint8 frames [N, 3, H, W], batch by batch (a generator); `batches` as in
+    `encode_frames`."""
     def decode(a, b):
         x = latents[a:b].to(models.device, models.dtype) / models.scaling_factor
         img = (models.vae.decode(x).sample.float() / 2 + 0.5).clamp(0, 1)
         return (img * 255).round().to(torch.uint8).cpu()
-    yield from Batches(chunk, "decode").run(len(latents), decode, progress)
+    yield from Batches.of(batches).run(len(latents), decode, progress, what="decode")
 
 
 @torch.no_grad()
-def ddim_invert(models, x: torch.Tensor, emb: torch.Tensor, n_steps: int, keep: set[int],
+def ddim_invert(models, x: torch.Tensor, emb: torch.Tensor, schedule: Schedule,
                 depth: torch.Tensor | None = None, on_step=None) -> dict[int, torch.Tensor]:
     """DDIM-invert a batch of latents (guidance 1, one prompt); return the latents at the `keep` timesteps.
 
     At each inversion timestep t (ascending), with eps = UNet(x, t): x0 = (x - sqrt(1-a_prev) eps) / sqrt(a_prev),
     x = sqrt(a_t) x0 + sqrt(1-a_t) eps, a_prev the previous timestep's alpha (the final alpha at the first);
-    diffusers' DDIMInverseScheduler does exactly this (and converts v-prediction outputs).
+    diffusers' DDIMInverseScheduler does exactly this (and converts v-prediction outputs). Returns the latents
+    at `schedule.kept`.
     """
-    sched = inversion_scheduler(models.scheduler_config, n_steps)
+    sched = schedule.inverter()
+    keep = set(schedule.kept)
     x = x.to(models.device, torch.float32)
     cond = emb.expand(len(x), -1, -1)
     kept = {}
@@ -83,16 +61,16 @@ def ddim_invert(models, x: torch.Tensor, emb: torch.Tensor, n_steps: int, keep: 
     return kept
 
 
-def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.Tensor, n_steps: int,
-                      keep: list[int], depth: torch.Tensor | None, progress: bool) -> int:
+def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.Tensor, schedule: Schedule,
+                      depth: torch.Tensor | None, progress: bool) -> int:
     """Invert every chunk of frames the store lacks; returns the number of chunks inverted."""
     n = len(x0)
     todo = [(a, b) for a, b in store.chunks(n) if not store.has_chunk(a, b)]
     done = 0
-    with bar(total=len(todo) * n_steps, desc="invert", enabled=progress, unit="step") as pb:
+    with bar(total=len(todo) * len(schedule.inversion), desc="invert", enabled=progress, unit="step") as pb:
         for a, b in todo:
             d = None if depth is None else depth[a:b].to(models.device)
-            kept = ddim_invert(models, x0[a:b], emb, n_steps, set(keep), d, on_step=lambda: pb.update(1))
+            kept = ddim_invert(models, x0[a:b], emb, schedule, d, on_step=lambda: pb.update(1))
             store.save_chunk(a, b, kept)
             done += 1
     store.mark_complete()

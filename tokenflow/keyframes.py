@@ -1,4 +1,4 @@
-"""Groups, keyframe draws and blend weights (spec sections 3 and 5)."""
+"""Groups, keyframe draws and blend weights, as the reference implementation makes them."""
 from __future__ import annotations
 
 import torch
@@ -30,7 +30,7 @@ def draw_keyframes(groups: list[range], batch_size: int, generator: torch.Genera
     return starts + torch.div(r * lengths, batch_size, rounding_mode="floor")
 
 
-def blend_plan(groups: list[range], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blend_weights(groups: list[range], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For every frame: its candidate keyframes (group g, group g-1; -1 for none) and blend weights.
 
     Frame f of group g > 0 blends w * (from keyframe g) + (1 - w) * (from keyframe g-1), with

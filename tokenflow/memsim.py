@@ -80,8 +80,8 @@ class HostRecords(KeyframeRecords):
         with _disable_current_modes():
             return torch.empty(t.shape, dtype=t.dtype, device=META)
 
-    def window(self, layer, lo, hi, device):
-        f, o = super().window(layer, lo, hi, device)
+    def take(self, layer, lo, hi, device):
+        f, o = super().take(layer, lo, hi, device)
         return f.clone(), o.clone()
 
 
@@ -155,36 +155,37 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
                   qk_injection: bool = True, steps: int = 1, scheduler_config: dict | None = None) -> SimulatedMemory:
     """Peak device memory of `steps` PnP editing steps of a `frames`-frame video at height x width pixels,
     with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`)."""
-    from tokenflow.editing import EditPlan, edit_latents
-    from tokenflow.inversion import sampling_timesteps
+    from tokenflow.batches import Batches
+    from tokenflow.editing import EditLoop, edit_latents
     from tokenflow.keyframes import make_groups
     from tokenflow.models import Models
     from tokenflow.processors import install
-    from tokenflow.state import StepState
+    from tokenflow.schedule import Schedule
+    from tokenflow.state import RunSettings
     from tokenflow.tiny import sd_scheduler_config
 
     unet = meta_unet(unet_config, dtype)
     sched = scheduler_config or sd_scheduler_config()
-    state = StepState(keyframe_chunk=chunk_frames)
-    state.records = HostRecords(offload=True) if offload_records else KeyframeRecords()
-    install(unet, state)
-    groups = make_groups(frames, batch_size, False)
-    plan = EditPlan(groups=groups, batch_size=batch_size, guidance_scale=7.5,
-                    timesteps=sampling_timesteps(sched, max(steps, 1)),
-                    first_step=0, n_qk_steps=steps if qk_injection else 0, n_conv_steps=steps, seed=0,
-                    groups_per_call=max(1, chunk_frames // batch_size))
+    n = max(steps, 1)
+    schedule = Schedule.build(sched, n_inversion_steps=n, n_timesteps=n, pnp_attn_t=1.0 if qk_injection else 0.0,
+                              pnp_f_t=1.0)
+    records = HostRecords(offload=True) if offload_records else KeyframeRecords()
+    hooks = install(unet, RunSettings(keyframes_per_chunk=chunk_frames), records)
+    loop = EditLoop(make_groups(frames, batch_size, False), batch_size, 7.5, schedule, seed=0)
+    group_batches = Batches(max(1, chunk_frames // batch_size), "the group passes", unit="groups")
     h, w = height // 8, width // 8
     c_in = unet.config.in_channels
     depth = torch.empty(frames, 1, h, w, device=META) if c_in == 5 else None
     cross = unet.config.cross_attention_dim
     models = Models(None, None, None, unet, sched, "meta")
     tracker = LiveBytes()
-    tracker.where = lambda: state.kind
+    tracker.where = lambda: hooks.state.kind
     with tracker, _flash_attention():
         # Inputs of the loop as the GPU sees them: the latents stay on the host, so they start outside.
         with _disable_current_modes():
             x = torch.empty(frames, 4, h, w, device=META)
             src = torch.empty(frames, 4, h, w, device=META)
             embs = torch.empty(3, 77, cross, device=META, dtype=dtype)
-        edit_latents(models, state, plan, x, lambda t: src, embs, depth, progress=False)
+        edit_latents(models, hooks, loop, x, lambda t: src, embs, depth, group_batches=group_batches, progress=False)
+    hooks.remove()
     return SimulatedMemory(tracker.peak, weights_bytes(unet), tracker.peak_at)

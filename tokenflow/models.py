@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from tokenflow.errors import ModelNotFoundError, TokenFlowError
-from tokenflow.tiny import TINY_VARIANTS, build_tiny_models
 
 log = logging.getLogger("tokenflow")
 
@@ -24,6 +23,9 @@ ALIASES = {
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Random-weight models built from configs (tokenflow.tiny, imported only when one is asked for): tests and
+# smoke runs; sd21-random is the full SD 2.1-base architecture, for benchmarks.
+TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", "sd21-random")
 
 
 @dataclass
@@ -50,10 +52,6 @@ class Models:
     @property
     def is_depth(self) -> bool:
         return self.unet.config.in_channels == 5
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.name in TINY_VARIANTS
 
     @property
     def scaling_factor(self) -> float:
@@ -91,7 +89,7 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TokenFlowError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
+        raise TokenFlowError(f"device {name!r} was asked for but no CUDA GPU is available; use cpu", key="device")
     return dev
 
 
@@ -112,6 +110,7 @@ def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_co
     hub id (withdrawn SD 1.5/2.x ids are mapped to their mirrors).
     """
     if name in TINY_VARIANTS:
+        from tokenflow.tiny import build_tiny_models
         vae, tok, te, unet, sched = build_tiny_models(name, device=device)
         return _finish(Models(vae, tok, te, unet, sched, name), device, dtype)
     if name in ALIASES:
@@ -190,11 +189,13 @@ def _load_single_file(path: Path, model_config: str | None) -> Models:
     kw = {}
     if model_config:
         if not (Path(model_config) / "unet").is_dir():
-            raise TokenFlowError(f"--model-config {model_config!r} is not a diffusers folder (no unet/ subfolder)")
+            raise TokenFlowError(f"model_config {model_config!r} is not a diffusers folder (no unet/ subfolder)",
+                                 key="model_config")
         kw["config"] = model_config
     elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        raise TokenFlowError(f"single-file checkpoint {path.name} needs --model-config DIR offline: a diffusers "
-                             f"folder of the same architecture (e.g. a downloaded SD 2.1-base) to read its configs from")
+        raise TokenFlowError(f"single-file checkpoint {path.name} needs model_config offline: a diffusers "
+                             f"folder of the same architecture (e.g. a downloaded SD 2.1-base) to read its configs from",
+                             key="model_config")
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=bool(model_config), **kw)
     except (OSError, ValueError) as e:

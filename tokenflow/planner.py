@@ -30,18 +30,29 @@ CPU_CHUNK_FRAMES = 8
 MAX_CHUNK_FRAMES = 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryPlan:
-    chunk_frames: int  # frames per UNet call (group passes, inversion) and keyframes per chunk
+    """How an edit uses GPU memory. The editor returns the plan that ran: an OOM retry (halving a count,
+    moving the records to the host) shows in its `EditResult.memory_plan`."""
+
+    frames_per_call: int  # frames per group-pass UNet call (whole groups: at least one per call)
+    keyframes_per_chunk: int  # keyframes per chunk of the keyframe pass's per-row modules (tokenflow.chunking)
+    inversion_frames_per_call: int  # frames per inversion UNet call (one row each)
+    vae_frames_per_call: int  # frames per VAE encode / decode call (and depth estimation)
     offload_records: bool  # keyframe records in pinned host memory
-    vae_frames: int  # frames per VAE encode / decode call (and depth estimation)
     estimate: int = 0  # bytes the plan expects at its peak beyond the weights (0: not planned, e.g. on the CPU)
 
+    def describe(self) -> str:
+        return (f"{self.frames_per_call} frames per UNet call, {self.keyframes_per_chunk} keyframes per chunk, "
+                f"{self.inversion_frames_per_call} frames per inversion call, {self.vae_frames_per_call} per VAE "
+                f"call, keyframe records {'in host memory' if self.offload_records else 'on the GPU'}, about "
+                f"{self.estimate / 2**30:.1f} GiB of activations")
 
-def budget(cfg, free: int, allocated: int) -> tuple[int, int]:
+
+def budget(max_gpu_mem: float | None, free: int, allocated: int) -> tuple[int, int]:
     """(bytes the planner may fill with activations, bytes it may use in all) on a GPU with `free` bytes
-    free and `allocated` bytes already held (the weights): --max-gpu-mem, else all of the GPU."""
-    total = int(cfg.max_gpu_mem * 2**30) if cfg.max_gpu_mem else free + allocated
+    free and `allocated` bytes already held (the weights): `max_gpu_mem` GiB, else all of the GPU."""
+    total = int(max_gpu_mem * 2**30) if max_gpu_mem else free + allocated
     return total - allocated, total
 
 
@@ -51,59 +62,74 @@ def records_bytes(unet, K: int, h: int, w: int, dtype: torch.dtype) -> int:
 
     total = 0
     for layer in self_attention_layers(unet):
-        parts = layer.name.split(".")
-        # down_blocks[i] runs at level i, up_blocks[j] at level 3 - j, the mid block at level 3
-        level = 3 if parts[0] == "mid_block" else int(parts[1]) if parts[0] == "down_blocks" else 3 - int(parts[1])
-        S = (h >> level) * (w >> level)
-        C = unet.get_submodule(layer.name).to_q.in_features
-        total += 4 * K * S * C
+        S = (h >> layer.level) * (w >> layer.level)
+        total += 4 * K * S * layer.channels
     return total * torch.finfo(dtype).bits // 8
 
 
-def plan_for(unet, dtype: torch.dtype, cfg, h: int, w: int, keyframes: int, free: int, allocated: int) -> MemoryPlan:
-    """The plan for latents h x w and `keyframes` keyframes (0: inversion) within the budget."""
+@dataclass(frozen=True)
+class CallPlan:
+    """One kind of UNet call planned against the budget: frames per call, records placement, peak estimate."""
+
+    frames_per_call: int
+    offload_records: bool
+    vae_frames_per_call: int
+    estimate: int
+
+
+def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_size: int,
+             chunk_frames: int | None, max_gpu_mem: float | None, free: int, allocated: int) -> CallPlan:
+    """Edit calls (keyframes > 0: three rows per frame, the keyframe pass and its records) or inversion
+    calls (keyframes = 0: one row per frame) for latents h x w within the budget. `chunk_frames` (the
+    user's --chunk-frames) fixes the frames per call instead."""
     scale = h * w * unet.config["block_out_channels"][0] * torch.finfo(dtype).bits // 16
-    rows = 3 if keyframes else 1  # an edit call runs three branches per frame; inversion one
+    rows = 3 if keyframes else 1
     per_frame = rows * BYTES_PER_TOKEN_CHANNEL * scale
     keyframe_pass = keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL * scale
     records = records_bytes(unet, keyframes, h, w, dtype)
     per_keyframe_records = records // max(keyframes, 1)
-    usable, total = budget(cfg, free, allocated)
+    usable, total = budget(max_gpu_mem, free, allocated)
     usable = int(FILL * usable)
     # Records stay on the GPU while they take at most a quarter of the budget and leave room for a group.
-    offload = records > total / 4 or keyframe_pass + records + cfg.batch_size * per_frame > usable
+    offload = records > total / 4 or keyframe_pass + records + batch_size * per_frame > usable
     if offload:  # each group brings its keyframe's records (and one more for the first group of a call)
-        per_frame += per_keyframe_records // cfg.batch_size
+        per_frame += per_keyframe_records // batch_size
         fixed = keyframe_pass + per_keyframe_records
     else:
         fixed = keyframe_pass + records
     room = usable - fixed
-    if cfg.chunk_frames:
-        chunk = cfg.chunk_frames
+    if chunk_frames:
+        chunk = chunk_frames
     else:
         chunk = max(1, min(room // per_frame, MAX_CHUNK_FRAMES))
-        if chunk >= cfg.batch_size:
-            chunk = chunk // cfg.batch_size * cfg.batch_size
+        if chunk >= batch_size:
+            chunk = chunk // batch_size * batch_size
     # A group call holds whole groups (at least one), at most the whole video (about keyframes x B frames).
-    per_call = min(max(chunk, cfg.batch_size), keyframes * cfg.batch_size) if keyframes else chunk
+    per_call = min(max(chunk, batch_size), keyframes * batch_size) if keyframes else chunk
     estimate = fixed + per_call * per_frame
     vae = VAE_BYTES_PER_PIXEL * 64 * h * w * torch.finfo(dtype).bits // 16
-    vae_frames = cfg.chunk_frames or max(1, min(usable // vae, MAX_CHUNK_FRAMES))
+    vae_frames = chunk_frames or max(1, min(usable // vae, MAX_CHUNK_FRAMES))
     if room < per_frame:
         log.warning("the keyframe pass of %d keyframes needs about %.1f GiB, beyond the %.1f GiB the planner may "
                     "fill; expect CUDA out of memory. Raise --max-gpu-mem, lower the resolution or edit the video "
                     "in parts", keyframes, estimate / 2**30, usable / 2**30)
-    return MemoryPlan(int(chunk), bool(offload), int(vae_frames), int(estimate))
+    return CallPlan(int(chunk), bool(offload), int(vae_frames), int(estimate))
 
 
-def plan_memory(models, cfg, h: int, w: int, keyframes: int = 0) -> MemoryPlan:
-    """plan_for on this device's free memory; on the CPU, fixed chunks and no offload."""
+def plan_memory(models, h: int, w: int, *, keyframes: int, batch_size: int, chunk_frames: int | None,
+                max_gpu_mem: float | None) -> MemoryPlan:
+    """The edit's and the inversion's plan on this device's free memory; on the CPU, fixed counts and no
+    offload (host memory is not planned)."""
     if models.device.type != "cuda":
-        chunk = cfg.chunk_frames or max(CPU_CHUNK_FRAMES, cfg.batch_size)
-        return MemoryPlan(chunk, False, chunk)
+        n = chunk_frames or max(CPU_CHUNK_FRAMES, batch_size)
+        return MemoryPlan(n, n, n, n, False)
     free, _ = torch.cuda.mem_get_info(models.device)
-    plan = plan_for(models.unet, models.dtype, cfg, h, w, keyframes, free, torch.cuda.memory_allocated(models.device))
-    log.info("memory plan: %d frames per UNet call, %d per VAE call, keyframe records %s, about %.1f GiB of "
-             "activations", plan.chunk_frames, plan.vae_frames, "in host memory" if plan.offload_records else
-             "on the GPU", plan.estimate / 2**30)
+    allocated = torch.cuda.memory_allocated(models.device)
+    common = dict(batch_size=batch_size, chunk_frames=chunk_frames, max_gpu_mem=max_gpu_mem, free=free,
+                  allocated=allocated)
+    edit = plan_for(models.unet, models.dtype, h, w, keyframes=keyframes, **common)
+    inversion = plan_for(models.unet, models.dtype, h, w, keyframes=0, **common)
+    plan = MemoryPlan(edit.frames_per_call, edit.frames_per_call, inversion.frames_per_call,
+                      edit.vae_frames_per_call, edit.offload_records, edit.estimate)
+    log.info("memory plan: %s", plan.describe())
     return plan

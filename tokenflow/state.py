@@ -1,7 +1,9 @@
-"""Per-step state shared by every TokenFlow processor, and the keyframe pass's records.
+"""What the TokenFlow processors and hooks share during an edit: run settings, per-call state, records.
 
-Diffusers drops unknown `cross_attention_kwargs`, so the processors read what they need (which pass
-runs, whether injection is on, which keyframes each frame blends) from one `StepState` they hold.
+Diffusers drops unknown `cross_attention_kwargs`, so the processors read what they need from objects they
+hold: `RunSettings` (set once per edit), `CallState` (which pass runs, injection on or off, which keyframes
+each frame blends; changes every UNet call) and `KeyframeRecords` (what the keyframe pass recorded for the
+group passes of the same step).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ class KeyframeRecords:
     Per layer: `feats` [K, S, C], the source branch's self-attention input (norm1 output), and
     `out` [3, K, S, C], the self-attention outputs of the three branches. Lifetime: cleared at the
     start of each step's keyframe pass, read by that step's group passes. With `offload`, records
-    live in (pinned) host memory and `window()` copies just the keyframes one UNet call needs.
+    live in (pinned) host memory and `take()` copies just the keyframes one UNet call needs.
     """
 
     def __init__(self, offload: bool = False):
@@ -49,7 +51,7 @@ class KeyframeRecords:
     def put_out(self, layer: str, out: torch.Tensor) -> None:
         self._out[layer] = self._keep((layer, "out"), out)
 
-    def window(self, layer: str, lo: int, hi: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, layer: str, lo: int, hi: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(feats[lo:hi], out[:, lo:hi]) on `device`."""
         if layer not in self._feats:
             raise RuntimeError(f"no keyframe record for {layer}: a group pass ran before its keyframe pass")
@@ -62,24 +64,30 @@ class KeyframeRecords:
 
 
 @dataclass
-class StepState:
-    """What the current UNet call is, for the processors and hooks."""
+class RunSettings:
+    """What one edit asks of the hooks. The keyframe pass's OOM handling lowers `keyframes_per_chunk`."""
+
+    backends: dict[str, str | None] = field(default_factory=dict)  # op -> forced backend (absent: auto)
+    keyframe_window: int | None = None  # opt-in windowed extended attention (tokenflow.windowed)
+    keyframes_per_chunk: int | None = None  # per-row modules of the keyframe pass in chunks (tokenflow.chunking)
+
+
+@dataclass
+class CallState:
+    """What the current UNet call is. `reset()` returns to plain UNet calls (kind off)."""
 
     kind: str = OFF  # off (plain UNet, e.g. inversion) | keyframe | group
     t: int = -1
     step: int = -1
     qk_inject: bool = False
     conv_inject: bool = False
-    backends: dict[str, str | None] = field(default_factory=dict)  # op -> forced backend (None: auto)
-    keyframe_window: int | None = None  # opt-in windowed extended attention (tokenflow.windowed)
-    keyframe_chunk: int | None = None  # keyframes per chunk in the keyframe pass's per-row modules (tokenflow.chunking)
     # Group pass: keyframes [key_lo, key_hi) of the records, and per frame of the call the record-local
     # indices of its candidate keyframes ([F, 2], -1 = none) and their blend weights ([F, 2]).
     key_lo: int = 0
     key_hi: int = 0
     which: torch.Tensor | None = None
     weights: torch.Tensor | None = None
-    records: KeyframeRecords = field(default_factory=KeyframeRecords)
 
-    def plain(self) -> None:
-        self.kind = OFF
+    def reset(self) -> None:
+        for name, f in self.__dataclass_fields__.items():
+            setattr(self, name, f.default)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tokenflow.models import TINY_VARIANTS
+
 TINY_MODEL = "tiny-random"
 SD21_RANDOM = "sd21-random"  # the full SD 2.1-base architecture with random weights, for benchmarks
 # SD 2.1-base's UNet (stabilityai/stable-diffusion-2-1-base unet/config.json, the fields that differ from
@@ -25,7 +27,6 @@ SD21_UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", SD21_RANDOM)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

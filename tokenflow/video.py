@@ -52,10 +52,6 @@ class VideoInfo:
     is_folder: bool = False
     codec: str | None = None
 
-    @property
-    def duration(self) -> float:
-        return float(self.frames / self.fps) if self.fps else 0.0
-
 
 # -- input -------------------------------------------------------------------------------------------
 
@@ -128,7 +124,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 @dataclass(frozen=True)
 class Resize:
     """How each frame is brought to the processing size. `via`: an intermediate stretch first (the
-    reference's two resizes of square inputs, see `plan_resize`)."""
+    reference's two resizes of square inputs, see `resize_for`)."""
 
     width: int
     height: int
@@ -141,8 +137,9 @@ def _mult8(x: float, how: str) -> int:
     return max(8, int(f(x / 8)) * 8)
 
 
-def plan_resize(src_w: int, src_h: int, cfg) -> Resize:
-    """The processing size and policy for a src_w x src_h input under `cfg` (an EditConfig).
+def resize_for(src_w: int, src_h: int, *, width: int | None = None, height: int | None = None,
+               resize: str = "crop", match_reference: bool = False) -> Resize:
+    """The processing size and policy for a src_w x src_h input (the EditConfig keys of the same names).
 
     Default: aspect ratio kept, longer side 512 (or the given width/height), multiples of 8. When the
     aspect ratio does not fit the multiple-of-8 grid exactly, `crop` rounds the size down and cuts the
@@ -151,26 +148,20 @@ def plan_resize(src_w: int, src_h: int, cfg) -> Resize:
     `match_reference`: exactly the reference: frames stretched (Lanczos) to width x height (default
     512 x 512), and a square result stretched again to 512 x 512.
     """
-    if cfg.match_reference:
-        W, H = cfg.width or 512, cfg.height or 512
+    if match_reference:
+        W, H = width or 512, height or 512
         if W == H and W != 512:  # the reference resized square frames to 512 after extracting them at W x H
             return Resize(512, 512, "stretch", via=(W, H))
         return Resize(W, H, "stretch")
-    how = {"crop": "floor", "pad": "ceil", "stretch": "round"}[cfg.resize]
-    if cfg.width and cfg.height:
-        return Resize(cfg.width, cfg.height, cfg.resize)
-    if cfg.width:
-        return Resize(cfg.width, _mult8(cfg.width * src_h / src_w, how), cfg.resize)
-    if cfg.height:
-        return Resize(_mult8(cfg.height * src_w / src_h, how), cfg.height, cfg.resize)
+    how = {"crop": "floor", "pad": "ceil", "stretch": "round"}[resize]
+    if width and height:
+        return Resize(width, height, resize)
+    if width:
+        return Resize(width, _mult8(width * src_h / src_w, how), resize)
+    if height:
+        return Resize(_mult8(height * src_w / src_h, how), height, resize)
     scale = DEFAULT_LONG_SIDE / max(src_w, src_h)
-    return Resize(_mult8(src_w * scale, how), _mult8(src_h * scale, how), cfg.resize)
-
-
-def plan_size(src_w: int, src_h: int, cfg) -> tuple[int, int]:
-    """(W, H) the frames are processed at; see `plan_resize`."""
-    r = plan_resize(src_w, src_h, cfg)
-    return r.width, r.height
+    return Resize(_mult8(src_w * scale, how), _mult8(src_h * scale, how), resize)
 
 
 def _resize_image(im: Image.Image, W: int, H: int, policy: str) -> Image.Image:

@@ -1,0 +1,114 @@
+"""One edit resolved once: frames, groups, schedule, memory plan, depth and backends, from frames and config.
+
+`TokenFlowEditor.prepare(frames, cfg)` builds an `EditJob`; `invert(job)` and `edit(job)` take it, so
+nothing is validated, planned or estimated twice. Everything that can be wrong with the inputs is found
+here, before any model runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenflow.batches import Batches
+from tokenflow.config import EditConfig
+from tokenflow.depth import depth_maps
+from tokenflow.editing import EditLoop
+from tokenflow.errors import TokenFlowError
+from tokenflow.keyframes import make_groups
+from tokenflow.planner import MemoryPlan, plan_memory
+from tokenflow.schedule import Schedule
+
+
+@dataclass
+class EditJob:
+    cfg: EditConfig  # validated
+    frames: torch.Tensor  # uint8 [N, 3, H, W]: the frames edited (n_frames applied; the reference mode's rounding)
+    groups: list[range]  # consecutive groups of batch_size frames, one keyframe each
+    schedule: Schedule
+    memory: MemoryPlan  # as planned; EditResult.memory_plan is what ran
+    depth: torch.Tensor | None  # [N, 1, h, w] in [-1, 1] for depth models, host float32
+    backends: dict[str, str]  # op -> backend forced by cfg.backend (absent: auto)
+    # Frames per VAE call, shared by the encode and the decode: an OOM halving in one carries to the other.
+    vae: Batches = field(init=False)
+
+    def __post_init__(self):
+        self.vae = Batches(self.memory.vae_frames_per_call, "the VAE")
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.frames.shape[2] // 8, self.frames.shape[3] // 8
+
+    def loop(self) -> EditLoop:
+        c = self.cfg
+        return EditLoop(self.groups, c.batch_size, c.guidance_scale, self.schedule, c.seed)
+
+
+def check_frames(frames) -> None:
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
+        got = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise TokenFlowError(f"frames must be a uint8 tensor [N, 3, H, W]; got {got}")
+    if len(frames) == 0:
+        raise TokenFlowError("the video has no frames")
+    H, W = frames.shape[2:]
+    if H % 8 or W % 8:
+        raise TokenFlowError(f"frame size {W}x{H} is not a multiple of 8 (the VAE downsamples by 8); "
+                             f"resize to {W // 8 * 8}x{H // 8 * 8} (the CLI does this for you)")
+
+
+def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None) -> EditJob:
+    """Validate and resolve everything one edit needs on `models` (see the module docstring).
+
+    depth: optional depth frames ([N, 1|3, H', W'], any numeric dtype) for a depth model; without them a
+    depth model's estimator makes the maps."""
+    cfg.validate()
+    check_frames(frames)
+    if cfg.n_frames is not None:
+        frames = frames[:cfg.n_frames]
+    groups = make_groups(len(frames), cfg.batch_size, cfg.match_reference)
+    frames = frames[:groups[-1].stop]
+    schedule = Schedule.build(models.scheduler_config, n_inversion_steps=cfg.n_inversion_steps,
+                              n_timesteps=cfg.n_timesteps, mode=cfg.mode, start=cfg.start,
+                              pnp_attn_t=cfg.pnp_attn_t, pnp_f_t=cfg.pnp_f_t)
+    backends = forced_backends(cfg.backend, models.device, models.dtype)
+    if cfg.mode == "depth" and not models.is_depth:
+        raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
+                             f"sd2-community/stable-diffusion-2-depth); {models.name} is not one", key="mode")
+    h, w = frames.shape[2] // 8, frames.shape[3] // 8
+    memory = plan_memory(models, h, w, keyframes=len(groups), batch_size=cfg.batch_size,
+                         chunk_frames=cfg.chunk_frames, max_gpu_mem=cfg.max_gpu_mem)
+    maps = depth_maps(models, frames, depth, memory.vae_frames_per_call) if models.is_depth else None
+    return EditJob(cfg, frames, groups, schedule, memory, maps, backends)
+
+
+def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """op -> backend for `backend: NAME`: NAME for the operations it implements, auto for the others
+    (e.g. the C++ `cpu` backend only propagates). Checked up front on a probe of the model's device and dtype."""
+    from tokenflow.ops import backends
+
+    if name == "auto":
+        return {}
+    reason = backends.why_unavailable(name)
+    if reason:
+        raise TokenFlowError(f"backend {name!r}: {reason}; use auto", key="backend")
+    b = backends.get(name)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    probe = dict(x=rand(1, 8, 64), key_feats=rand(1, 8, 64), key_out=rand(3, 1, 8, 64),
+                 which=torch.zeros(1, 2, dtype=torch.long, device=device), weights=torch.rand(1, 2, generator=g).to(device),
+                 residual=None)
+    probes = {"propagate": probe,
+              "extended_attention": dict(q=rand(3, 1, 8, 64), k=rand(3, 1, 8, 64), v=rand(3, 1, 8, 64), heads=1,
+                                         shared_qk=False)}
+    out = {}
+    for op, inputs in probes.items():
+        if op in b.ops:
+            reason = b.why_not(op, **inputs)
+            if reason:
+                raise TokenFlowError(f"backend {name!r} cannot run {op} here: {reason}; use auto", key="backend")
+            out[op] = name
+    if not out:
+        raise TokenFlowError(f"backend {name!r} implements neither operation the editor runs; use auto", key="backend")
+    return out
