@@ -470,6 +470,9 @@ def _name_flag(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache"]:  # the latent store's own commands (tokenflow/cache_admin.py)
+        from tokenflow.cache_admin import main as cache_main
+        return cache_main(argv[1:])
     command, rest = split_command(argv)
     args = build_parser(command).parse_args(rest)
     _setup_logging(args)

@@ -59,6 +59,7 @@ class EditConfig:
     max_gpu_mem: float | None = None  # GiB of GPU memory the planner may use, weights included (None: the whole GPU)
     keyframe_window: int | None = None  # opt-in windowed extended attention (approximation; None: exact)
     cache_dir: str | None = None  # latent store (None: $TOKENFLOW_CACHE or ~/.cache/tokenflow)
+    cache_max_size: str | None = None  # cap of the latent store, e.g. 20G; least recently used entries go first (None: $TOKENFLOW_CACHE_MAX_SIZE, else no cap)
     reconstruct: bool = False  # decode the inversion back and report PSNR
     resume: bool = True  # continue an interrupted (or reuse a finished) edit from its checkpoint in the store
 
@@ -91,6 +92,8 @@ class EditConfig:
             bad(f"n_frames = {self.n_frames} must be at least 1")
         if self.chunk_frames is not None and self.chunk_frames < 1:
             bad(f"chunk_frames = {self.chunk_frames} must be at least 1")
+        from tokenflow.cache_admin import parse_size
+        parse_size(self.cache_max_size, "cache_max_size")
         from tokenflow.ops.backends import known
 
         if self.backend not in known():

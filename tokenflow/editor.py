@@ -128,7 +128,8 @@ class TokenFlowEditor:
         chunk = mem.chunk_frames
         d = self._depth(frames, cfg, depth, mem.vae_frames)
         keep = kept_timesteps(m.scheduler_config, cfg.n_inversion_steps, cfg.n_timesteps)
-        store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d, keep), chunk)
+        store = LatentStore(cfg.cache_dir or self.cache_dir, self._key(frames, cfg, d, keep), chunk,
+                            max_size=cfg.cache_max_size)
         with _timed(timings, "encode"):
             x0 = store.load_x0()
             if x0 is None:

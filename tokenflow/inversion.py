@@ -1,6 +1,7 @@
 """VAE encoding/decoding and DDIM inversion of every frame (spec section 2)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,8 @@ from tokenflow.batches import Batches
 from tokenflow.errors import TokenFlowError
 from tokenflow.latent_store import LatentStore
 from tokenflow.progress import bar
+
+log = logging.getLogger("tokenflow")
 
 
 def sampling_timesteps(scheduler_config: dict, n_timesteps: int) -> list[int]:
@@ -90,10 +93,11 @@ def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.T
     todo = [(a, b) for a, b in store.chunks(n) if not store.has_chunk(a, b)]
     done = 0
     with bar(total=len(todo) * n_steps, desc="invert", enabled=progress, unit="step") as pb:
-        for a, b in todo:
+        for a, b in store.claim(todo):  # locked while inverted; one another process made meanwhile is skipped
             d = None if depth is None else depth[a:b].to(models.device)
             kept = ddim_invert(models, x0[a:b], emb, n_steps, set(keep), d, on_step=lambda: pb.update(1))
             store.save_chunk(a, b, kept)
+            log.info("inverted frames [%d, %d) into %s", a, b, store.path)
             done += 1
     store.mark_complete()
     return done
