@@ -64,10 +64,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 class _InMemory:
-    """A file the disk refused, kept in this process instead (read like a safetensors handle)."""
+    """A file the disk refused, kept in this process instead (read like a safetensors handle). Contiguous
+    copies, as a file gives them back: the UNet's rounding depends on the memory layout (the VAE returns
+    channels-last latents), and the edit must not depend on whether the store could write."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+        self.tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name]
