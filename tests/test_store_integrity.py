@@ -316,9 +316,12 @@ def test_full_disk_says_so_and_the_edit_completes(pristine, tmp_path, run, monke
                                                       "x0.safetensors"]  # no partial or temporary file
 
     monkeypatch.setattr(os, "fsync", real_fsync)
+    leftover = entry / f".{CHUNK}.k1ll3d.tmp"  # as a writer killed mid-write leaves it
+    leftover.write_bytes(b"part of a chunk")
     rc, err, _ = run(*EDIT, "-o", tmp_path / "again.mp4", "--png", "-v", cache=cache)
     assert rc == 0 and warnings(err) == [], err
     assert re.findall(r"inverted frames \[(\d+), (\d+)\)", err) == [("4", "8"), ("8", "10")]
+    assert not leftover.exists() and (entry / "complete").exists()
     assert torch.equal(read_frames(tmp_path / "again_frames"), pristine[2])
 
 

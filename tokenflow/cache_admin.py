@@ -198,7 +198,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", metavar="DIR",
+    # SUPPRESS: the flag may come before or after the command, and a subcommand's default must not
+    # override one given before it.
+    common.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="the store's folder, as given to edits (default: $TOKENFLOW_CACHE/latents, "
                              "or ~/.cache/tokenflow/latents)")
     p = _Parser(prog=PROG, description="List, check and clean the latent store (inversions and edit checkpoints).",
@@ -224,7 +226,7 @@ def _when(t: float) -> str:
 
 
 def _root(args) -> Path:
-    if args.cache_dir:
+    if getattr(args, "cache_dir", None):
         return Path(args.cache_dir).expanduser()
     from tokenflow.latent_store import default_root
     return default_root()
