@@ -121,7 +121,8 @@ def evict_to(root: Path, cap: int, keep: str | None = None, *, say=None) -> int:
             continue
         if removed:
             total -= e.size
-            line = f"evicted {e.key} ({format_size(e.size)}, last used {_when(e.last_use)}) to stay under {format_size(cap)}"
+            line = (f"evicted {e.key} ({format_size(e.size)}, last used {_when(e.last_use)}) "
+                    f"to stay under {format_size(cap)}")
             say(line) if say else log.info("latent store: %s", line)
     return total
 
@@ -239,7 +240,8 @@ def _ls(root: Path) -> int:
         d = describe(e)
         video = (f"{d['frames'] if d['frames'] is not None else '?'} frames"
                  + (f" {d['size'][1]}x{d['size'][0]}" if d["size"] else ""))
-        edits = "; ".join(f"{json.dumps(pr)} {done}/{total}" if done is not None else pr for pr, done, total in d["edits"])
+        edits = "; ".join(f"{json.dumps(prompt)} {done}/{total}" if done is not None else prompt
+                          for prompt, done, total in d["edits"])
         rows.append((e.key, format_size(e.size), video, str(d["model"] or "?"), str(d["steps"] or "?"),
                      _when(e.last_use), d["inversion"], edits or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
