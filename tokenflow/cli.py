@@ -3,6 +3,7 @@
     tokenflow-edit INPUT --prompt "..." [-o OUT.mp4]     invert (or reuse the latent store), then edit
     tokenflow-edit invert INPUT [...]                    only the inversion, into the latent store
     tokenflow-edit edit INPUT --prompt "..." [...]       edit with the stored inversion
+    tokenflow-edit cache ls|verify|rm|prune [...]        manage the latent store (tokenflow/cache_admin.py)
 
 Settings come from three layers: EditConfig's defaults < a YAML file (`--config`, our keys or the
 reference's) < flags. Every EditConfig field gets a flag generated from the dataclass, so flags, config
@@ -147,7 +148,8 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
     prog = PROG if command == "run" else f"{PROG} {command}"
     p = _Parser(
         prog=prog, description=f"{prog}: {what}.",
-        epilog=f"Commands: `{PROG} INPUT ...` (invert + edit), `{PROG} invert INPUT ...`, `{PROG} edit INPUT ...`. "
+        epilog=f"Commands: `{PROG} INPUT ...` (invert + edit), `{PROG} invert INPUT ...`, `{PROG} edit INPUT ...`, "
+               f"`{PROG} cache ls|verify|rm|prune` (the latent store). "
                f"Each config key is a flag and vice versa; flags override --config. A file named like a "
                f"command or `sample` is given as ./NAME.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -473,6 +475,9 @@ def _describe(e: TokenFlowError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache"]:  # the latent store's own commands (tokenflow/cache_admin.py)
+        from tokenflow.cache_admin import main as cache_main
+        return cache_main(argv[1:])
     command, rest = split_command(argv)
     args = build_parser(command).parse_args(rest)
     _setup_logging(args)

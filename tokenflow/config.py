@@ -59,6 +59,7 @@ class EditConfig:
     max_gpu_mem: float | None = None  # GiB of GPU memory the planner may use, weights included (None: the whole GPU)
     keyframe_window: int | None = None  # opt-in windowed extended attention (approximation; None: exact)
     cache_dir: str | None = None  # latent store (None: $TOKENFLOW_CACHE or ~/.cache/tokenflow)
+    cache_max_size: str | None = None  # latent store size cap, e.g. 20G: LRU eviction (None: $TOKENFLOW_CACHE_MAX_SIZE)
     reconstruct: bool = False  # decode the inversion back and report PSNR
     resume: bool = True  # continue an interrupted (or reuse a finished) edit from its checkpoint in the store
 
@@ -91,6 +92,8 @@ class EditConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(name, f"{name} = {v} must be at least 1")
+        from tokenflow.cache_admin import parse_size
+        parse_size(self.cache_max_size, "cache_max_size")
         from tokenflow.ops.backends import known
 
         if self.backend not in known():

@@ -111,7 +111,7 @@ class TokenFlowEditor:
         timings = {} if _timings is None else _timings
         m = self.models
         store = LatentStore(cfg.cache_dir or self.cache_dir, self._store_key(job),
-                            job.memory.inversion_frames_per_call)
+                            job.memory.inversion_frames_per_call, max_size=cfg.cache_max_size)
         with _timed(timings, "encode"):
             x0 = store.load_x0()
             if x0 is None:

@@ -1,13 +1,17 @@
 """VAE encoding/decoding and DDIM inversion of every frame."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
 from tokenflow.batches import Batches
 from tokenflow.latent_store import LatentStore
 from tokenflow.progress import bar
 from tokenflow.schedule import Schedule
+
+log = logging.getLogger("tokenflow")
 
 
 def model_input(x: torch.Tensor, depth: torch.Tensor | None) -> torch.Tensor:
@@ -68,10 +72,11 @@ def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.T
     todo = [(a, b) for a, b in store.chunks(n) if not store.has_chunk(a, b)]
     done = 0
     with bar(total=len(todo) * len(schedule.inversion), desc="invert", enabled=progress, unit="step") as pb:
-        for a, b in todo:
+        for a, b in store.claim(todo):  # locked while inverted; one another process made meanwhile is skipped
             d = None if depth is None else depth[a:b].to(models.device)
             kept = ddim_invert(models, x0[a:b], emb, schedule, d, on_step=lambda: pb.update(1))
             store.save_chunk(a, b, kept)
+            log.info("inverted frames [%d, %d) into %s", a, b, store.path)
             done += 1
     store.mark_complete()
     return done
