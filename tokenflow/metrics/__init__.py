@@ -5,7 +5,7 @@
     result["clip_text"], result["clip_frame"], result["warp_error"], result["skipped"]
 
 One module per family: `clip` (CLIP text alignment and frame consistency, PickScore), `warp` (warp
-error) with `flow` (optical flow), `models` (loading the metric models offline), `evaluate` (all of
+error) with `flow` (optical flow), `models` (loading the metric models offline), `evaluation` (`evaluate`: all of
 them over chunks of frames), `cli` (`tokenflow-edit eval`). Definitions: `NUMBERS` and the README.
 """
 from tokenflow.metrics.names import (DEFAULT_CLIP_MODEL, DEFAULT_PICK_MODEL, DEFAULT_PICK_PROCESSOR, METRICS,  # noqa: F401
@@ -14,7 +14,7 @@ from tokenflow.metrics.names import (DEFAULT_CLIP_MODEL, DEFAULT_PICK_MODEL, DEF
 
 def __getattr__(name):  # torch, transformers and OpenCV load only when a metric is computed
     if name == "evaluate":
-        from tokenflow.metrics.evaluate import evaluate
+        from tokenflow.metrics.evaluation import evaluate
         return evaluate
     if name == "MetricModelMissing":
         from tokenflow.metrics.models import MetricModelMissing

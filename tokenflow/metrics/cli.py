@@ -115,7 +115,7 @@ def _job(args, edited: str) -> dict:
 
 
 def run_eval(args, edited, source, prompt, *, start=0, stride=1, resize="crop", metrics=None) -> dict:
-    from tokenflow.metrics.evaluate import evaluate
+    from tokenflow.metrics.evaluation import evaluate
 
     return evaluate(edited, source, prompt, metrics, clip_model=args.clip_model, pick_model=args.pick_model,
                     pick_processor=args.pick_processor, flow=args.flow, device=args.metrics_device,

@@ -10,7 +10,7 @@ optional except a name:
                       the source and how the edit selected and framed it (for the source thumbnails)
   frames, size [W, H], fps
   seconds (or timings) {stage: seconds}
-  metrics             {name: value}, as `tokenflow.metrics.evaluate` returns them
+  metrics             {name: value}, as `tokenflow.metrics.evaluation` returns them
   source_frames, edited_frames
                       uint8 [N, 3, H, W] tensors, when the caller has the frames in memory (not decoded again)
 

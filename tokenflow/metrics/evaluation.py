@@ -57,14 +57,13 @@ def evaluate(edited, source=None, prompt: str | None = None, metrics=None, *, cl
         raise TokenFlowError(f"chunk_frames = {chunk_frames} must be at least 1")
     prompt = prompt.strip() if prompt else None
     skipped: dict[str, str] = {}
-    for m, need, why in (("clip_text", prompt, "no prompt given (--prompt)"),
-                         ("pick_score", prompt, "no prompt given (--prompt)"),
-                         ("warp_error", source is not None, "no source video given (--source)")):
+    for m, need, what in (("clip_text", prompt, "a prompt (--prompt)"), ("pick_score", prompt, "a prompt (--prompt)"),
+                          ("warp_error", source is not None, "the source video (--source)")):
         if m in metrics and not need:
             if asked:
-                raise TokenFlowError(f"metric {m} needs {why.split(' given')[0].removeprefix('no ')}: {why}")
+                raise TokenFlowError(f"metric {m} needs {what}; give it, or leave {m} out of the metrics asked for")
             metrics.remove(m)
-            skipped[m] = why
+            skipped[m] = f"needs {what}"
     device = resolve_device(device)
     seconds: dict[str, float] = {}
 
