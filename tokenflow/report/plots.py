@@ -21,8 +21,7 @@ def _figure(w: float, h: float):
 
 def _png(plt, fig) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.1)  # "tight" keeps an outside legend
     plt.close(fig)
     return buf.getvalue()
 
@@ -69,8 +68,7 @@ def stage_times(records: list[dict], max_items: int = 40) -> bytes | None:
     ax.set_xlabel("seconds")
     ax.set_title("Time per stage", fontsize=10)
     ax.tick_params(axis="y", labelsize=7)
-    ax.legend(fontsize=7, ncol=min(4, len(stages)), loc="upper center", bbox_to_anchor=(0.5, -0.28 - 0.6 / len(labels)),
-              frameon=False)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _png(plt, fig)
 
 
@@ -96,4 +94,5 @@ def metric_distributions(records: list[dict]) -> bytes | None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
+    fig.tight_layout()
     return _png(plt, fig)
