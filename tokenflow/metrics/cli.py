@@ -111,7 +111,7 @@ def _job(args, edited: str) -> dict:
     return dict(edited=edited, source=args.source or cfg.get("input"), prompt=args.prompt or cfg.get("prompt"),
                 start=args.start if args.start is not None else int(cfg.get("first_frame", 0)),
                 stride=args.stride if args.stride is not None else int(cfg.get("stride", 1)), resize=resize,
-                seconds=(cfg.get("result") or {}).get("seconds") or {})
+                seconds=(cfg.get("result") or {}).get("seconds") or {}, model=cfg.get("model"))
 
 
 def run_eval(args, edited, source, prompt, *, start=0, stride=1, resize="crop", metrics=None) -> dict:
@@ -184,7 +184,7 @@ def _main(argv: list[str]) -> int:
         records.append(dict(name=Path(job["edited"]).stem, prompt=r.get("prompt"), status="done",
                             output=str(job["edited"]), input=job["source"], first_frame=job["start"],
                             stride=job["stride"], resize=job["resize"], frames=r["frames"], size=r["size"],
-                            seconds=seconds, metrics=metric_values(r)))
+                            seconds=seconds, metrics=metric_values(r), model=job["model"], models=r["models"]))
     if not any(metric_values(r) for r in results):
         raise TokenFlowError("no metric could be computed: " + "; ".join(
             f"{k}: {v}" for r in results for k, v in r["skipped"].items()))
