@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -77,9 +75,10 @@ def decode(src: str, page: Path) -> Image.Image:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     d = tmp_path_factory.mktemp("items")
-    src = read_frames("tokenflow/assets/sample.mp4" if Path("tokenflow/assets/sample.mp4").exists() else
-                      Path(__file__).parents[1] / "tokenflow/assets/sample.mp4", count=10)
+    from tokenflow.sample import SAMPLE_PATH
     from tokenflow.video import resize_frames
+
+    src = read_frames(SAMPLE_PATH, count=10)
     small = resize_frames(src, 96, 56, "crop")
     edit = 255 - small
     write_video(d / "b.mp4", edit, 24)

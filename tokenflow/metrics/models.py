@@ -8,6 +8,7 @@ tests and smoke runs. Loaded models are kept per process, so a batch loads each 
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,6 +41,20 @@ def _processor(where: str):
     return CLIPProcessor(image_processor=image, tokenizer=AutoTokenizer.from_pretrained(where, local_files_only=True))
 
 
+@contextmanager
+def _no_transformers_bars():
+    """Without transformers' bar per weight file, which would crowd the metrics' own bar."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 @lru_cache(maxsize=4)
 def load_clip(name: str, device: str = "cpu", processor: str | None = None, what: str = "CLIP"):
     """(CLIPModel in eval mode on `device`, CLIPProcessor) for a hub id in the cache, a local folder, or
@@ -48,7 +63,8 @@ def load_clip(name: str, device: str = "cpu", processor: str | None = None, what
 
     where = tiny_clip_dir() if name == TINY_CLIP else name
     try:
-        model = CLIPModel.from_pretrained(where, local_files_only=True)
+        with _no_transformers_bars():
+            model = CLIPModel.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError):
         raise _missing(name, what) from None
     proc_where = where if processor is None else processor
@@ -78,7 +94,8 @@ def tiny_clip_dir() -> str:
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     image = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     d = tempfile.mkdtemp(prefix="tokenflow-tiny-clip-")
-    model.save_pretrained(d)
+    with _no_transformers_bars():
+        model.save_pretrained(d)
     CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(d)
     return d
 
