@@ -4,6 +4,7 @@
     tokenflow-edit invert INPUT [...]                    only the inversion, into the latent store
     tokenflow-edit edit INPUT --prompt "..." [...]       edit with the stored inversion
     tokenflow-edit cache ls|verify|rm|prune [...]        manage the latent store (tokenflow/cache_admin.py)
+    tokenflow-edit eval EDITED [--source S --prompt P]   score an edit (tokenflow.metrics.cli)
 
 Settings come from three layers: EditConfig's defaults < a YAML file (`--config`, our keys or the
 reference's) < flags. Every EditConfig field gets a flag generated from the dataclass, so flags, config
@@ -32,7 +33,7 @@ from tokenflow.config import DTYPES, MODES, RESIZE, EditConfig
 from tokenflow.errors import TokenFlowError
 
 PROG = "tokenflow-edit"
-COMMANDS = ("run", "invert", "edit")
+COMMANDS = ("run", "invert", "edit", "eval")
 DEFAULT_OUT_DIR = Path("tokenflow_out")
 
 # Flags whose name is not the field name: `start` is the reference's SDEdit key, so `--start` is left
@@ -62,6 +63,7 @@ HELP = {
 }
 # Config-file keys the CLI itself handles (the input selection); the rest are EditConfig keys.
 CLI_KEYS = ("input", "first_frame", "stride", "fps")
+RESULT_KEY = "result"  # what a run measured (--metrics), written to the side YAML and ignored when it is read
 
 log = logging.getLogger("tokenflow")
 
@@ -174,6 +176,8 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
         o.add_argument("--side-by-side", action="store_true", help="also write input | edit to OUT_side_by_side.mp4")
         o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         o.add_argument("--crf", type=_nonneg_int, default=18, help="H.264 quality, lower is better (default: 18)")
+        from tokenflow.metrics.cli import add_edit_options
+        add_edit_options(p.add_argument_group("evaluation"))
     s = p.add_argument_group("edit settings (each also a config key)")
     _add_config_flags(s)
     m = p.add_argument_group("messages").add_mutually_exclusive_group()
@@ -211,6 +215,7 @@ def resolve(args: argparse.Namespace) -> tuple[EditConfig, dict]:
     """(EditConfig, input selection) from defaults < --config file < flags."""
     data = load_config_file(args.config) if args.config else {}
     sel = {"input": None, "first_frame": 0, "stride": 1, "fps": None}
+    data.pop(RESULT_KEY, None)
     if "data_path" in data:  # the reference's input key
         sel["input"] = data.pop("data_path")
     for k in CLI_KEYS:
@@ -256,15 +261,16 @@ def _slug(text: str, n: int = 40) -> str:
 class Outputs:
     """The files of one run, staged under temporary names and renamed together when all are done."""
 
-    def __init__(self, video: Path, *, png: bool, side_by_side: bool):
+    def __init__(self, video: Path, *, png: bool, side_by_side: bool, report: bool = False):
         self.video = video
         self.config = video.with_suffix(".yaml")
         self.png = video.with_name(f"{video.stem}_frames") if png else None
         self.side_by_side = video.with_name(f"{video.stem}_side_by_side.mp4") if side_by_side else None
+        self.report = video.with_name(f"{video.stem}_report.html") if report else None
         self._staged: list[tuple[Path, Path]] = []
 
     def paths(self) -> list[Path]:
-        return [p for p in (self.video, self.config, self.png, self.side_by_side) if p is not None]
+        return [p for p in (self.video, self.config, self.png, self.side_by_side, self.report) if p is not None]
 
     def check(self, overwrite: bool, input_file: Path) -> None:
         from tokenflow.video import check_output
@@ -316,7 +322,7 @@ def output_paths(args, cfg: EditConfig, src: Path) -> Outputs:
                                  f"use a name ending in .mp4")
         else:
             video = out
-    outputs = Outputs(video, png=args.png, side_by_side=args.side_by_side)
+    outputs = Outputs(video, png=args.png, side_by_side=args.side_by_side, report=args.report)
     outputs.check(args.overwrite, src)
     return outputs
 
@@ -412,8 +418,10 @@ def run(command: str, args: argparse.Namespace) -> int:
     if command == "edit" and not res.inversion_reused:
         _note(quiet, "no inversion of this video with these settings was in the store: it was computed now "
                      "(it depends on model, size, frames, inversion prompt, n_inversion_steps, n_timesteps)")
+    from tokenflow.metrics.cli import edit_result
+    metrics = edit_result(args, res.frames, frames[:len(res.frames)], cfg.prompt, timings, quiet)
     t0 = time.perf_counter()
-    write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args, timings, quiet)
+    write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args, timings, quiet, metrics)
     timings["write"] = time.perf_counter() - t0
     peak = "n/a (CPU)" if res.peak_gpu_mem is None else f"{res.peak_gpu_mem / 2**30:.2f} GiB"
     out_fps = fps / sel["stride"]
@@ -428,7 +436,8 @@ def _fps(f: Fraction) -> str:
     return str(f.numerator) if f.denominator == 1 else f"{f} (~{float(f):.3f})"
 
 
-def write_outputs(outputs: Outputs, edited, frames, cfg, sel, info, src, fps, size, args, timings, quiet) -> None:
+def write_outputs(outputs: Outputs, edited, frames, cfg, sel, info, src, fps, size, args, timings, quiet,
+                  metrics: dict | None = None) -> None:
     from tokenflow.video import encode_video, save_png_frames, side_by_side
 
     n = len(edited)
@@ -443,13 +452,25 @@ def write_outputs(outputs: Outputs, edited, frames, cfg, sel, info, src, fps, si
         if outputs.png is not None:
             save_png_frames(outputs.stage(outputs.png, directory=True), edited)
         label = "sample" if str(sel["input"]) == "sample" else str(src.resolve())
-        text = yaml.safe_dump(written_config(cfg, sel, label, size), sort_keys=False, allow_unicode=True)
+        written = written_config(cfg, sel, label, size)
+        if metrics is not None:
+            from tokenflow.metrics import metric_values
+            written[RESULT_KEY] = {"frames": n, "size": list(size), "fps": str(out_fps), "seconds": dict(timings),
+                                   "metrics": metric_values(metrics)}
+        text = yaml.safe_dump(written, sort_keys=False, allow_unicode=True)
         header = (f"# {PROG} {__version__}: the settings of the run that wrote {outputs.video.name}\n"
                   f"# rerun: {PROG} --config {outputs.config.name} -o NEW.mp4\n"
                   f"# result: {n} frames {size[0]}x{size[1]} at {out_fps} fps; {_fmt_timings(timings)}\n")
         if cfg.model.startswith("tiny-random"):
             header += "# model tiny-random: random weights, the output is MEANINGLESS\n"
         outputs.stage(outputs.config).write_text(header + text)
+        if outputs.report is not None:
+            from tokenflow.metrics.cli import edit_record
+            from tokenflow.report import render
+            record = edit_record(outputs.video.stem, cfg.prompt, label, outputs.video, frames[:n], edited, timings,
+                                 metrics, model=cfg.model, fps=float(out_fps))
+            outputs.stage(outputs.report).write_text(render([record], title=f"TokenFlow edit: {outputs.video.name}"),
+                                                     encoding="utf-8")
         outputs.commit()
     except BaseException:
         outputs.discard()
@@ -479,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         from tokenflow.cache_admin import main as cache_main
         return cache_main(argv[1:])
     command, rest = split_command(argv)
+    if command == "eval":
+        from tokenflow.metrics.cli import main as eval_main
+        return eval_main(rest)
     args = build_parser(command).parse_args(rest)
     _setup_logging(args)
     try:
