@@ -21,6 +21,7 @@ from PIL import Image
 from tokenflow.outputs import Outputs, Staging, config_text, write_outputs
 
 LAYOUTS = ("plain", "fivebench", "v2vbench", "loveu")
+JPEG = {"quality": 95, "subsampling": 0}  # LOVEU-TGVE takes .jpg: full-resolution chroma keeps edges clean
 
 
 @dataclass
@@ -83,7 +84,7 @@ class FrameLayout(Layout):
             tmp = staged.stage(folder, directory=True)
             for i, f in enumerate(frames):
                 im = Image.fromarray(f.permute(1, 2, 0).contiguous().numpy())
-                im.save(tmp / f"{i:05d}{self.suffix}", **({"quality": 95} if self.suffix == ".jpg" else {}))
+                im.save(tmp / f"{i:05d}{self.suffix}", **(JPEG if self.suffix == ".jpg" else {}))
             size = (edited.shape[3], edited.shape[2])
             out_fps = w.fps / w.sel["stride"]
             staged.stage(config).write_text(config_text(w.cfg, w.sel, str(w.src.resolve()), size, len(edited), out_fps,
