@@ -15,6 +15,7 @@ any setting; empty cells are left unset. It has no defaults: give them with `--c
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import re
 import typing
@@ -39,7 +40,11 @@ def unknown_keys(mapping: dict, allowed, where: str) -> list[str]:
     bad = sorted(str(k) for k in mapping if k not in allowed)
     if not bad:
         return []
-    return [f"{where}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(allowed))}"]
+    said = []
+    for k in bad:
+        close = difflib.get_close_matches(k, sorted(allowed), n=1)
+        said.append(f"{k} (did you mean {close[0]}?)" if close else k)
+    return [f"{where}: unknown key(s) {', '.join(said)}; the settings are listed by `tokenflow-edit --help`"]
 
 
 def coerce(key: str, text: str):
@@ -102,12 +107,12 @@ def read_manifest(path: Path) -> Source:
             src.problems.append(f"{path}: a manifest is a mapping with a list `items` (and optionally a mapping "
                                 f"`defaults`); see `tokenflow-edit batch --help`")
             return src
-        src.problems += unknown_keys(data, ("defaults", "items"), str(path))
+        src.problems += unknown_keys(data, ("defaults", "items"), path.name)
         defaults = data.get("defaults") or {}
         if not isinstance(defaults, dict):
             src.problems.append(f"{path}: `defaults` must be a mapping of settings")
             defaults = {}
-        src.problems += unknown_keys(defaults, SETTING_KEYS, f"{path} defaults")
+        src.problems += unknown_keys(defaults, SETTING_KEYS, f"{path.name} defaults")
         items = data["items"]
     for i, item in enumerate(items, 1):
         where = f"{path.name} item {i}"

@@ -101,9 +101,10 @@ def build(source: Source, root: Path, layout_name: str | None, config: dict, fla
         elif any(k not in address for k in layout.keys):
             continue  # said once above
         it.outputs = layout.paths(root, address)
+        taken = next((p for p in it.outputs if p in owner), None)
+        if taken is not None:
+            problems.append(f"{spec.where}: writes {taken}, as {owner[taken]} does; give the items different names")
         for p in it.outputs:
-            if p in owner:
-                problems.append(f"{spec.where}: writes {p}, as {owner[p]} does; give the items different names")
             owner.setdefault(p, spec.id)
         spec.address = address
         it.sel = {k: merged.pop(k, d) for k, d in (("first_frame", 0), ("stride", 1), ("fps", None))}
