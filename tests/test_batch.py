@@ -247,3 +247,18 @@ def test_restore_size_refuses_crop():
     from tokenflow.errors import TokenFlowError
     with pytest.raises(TokenFlowError, match="cannot be mapped back"):
         restore_size(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), Resize(32, 32, "crop"), 60, 40)
+
+
+def test_records_fold_the_ranks_parts_and_ignore_a_torn_line(tmp_path):
+    """What a multi-rank run that died leaves: rank parts, a half-written last line. The next run reads them all
+    (the last line of an id wins) and rank 0 folds them into results.jsonl in manifest order."""
+    from tokenflow.batch.records import Records
+
+    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "b", "status": "failed"}) + "\n")
+    (tmp_path / "results.rank1.jsonl").write_text(json.dumps({"id": "b", "status": "done"}) + "\n{\"id\": \"c\", \"sta")
+    (tmp_path / "results.rank0.jsonl").write_text(json.dumps({"id": "a", "status": "done"}) + "\n")
+    rec = Records(tmp_path)
+    assert {k: v["status"] for k, v in rec.latest().items()} == {"a": "done", "b": "done"}
+    rec.fold_parts(order=["a", "b", "c"])
+    assert not list(tmp_path.glob("results.rank*.jsonl"))
+    assert [(r["id"], r["status"]) for r in records(tmp_path)] == [("b", "failed"), ("a", "done"), ("b", "done")]

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # five processes, each importing torch and diffusers and loading the tiny model
 def test_batch_benchmark_smoke(tmp_path):
     out = tmp_path / "batch.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_batch.py"), "--smoke", "--out", str(out)],

@@ -55,7 +55,7 @@ class Records:
         parts = self.parts()
         if not parts:
             return
-        lines = [json.loads(x) for p in parts for x in p.read_text().splitlines() if x.strip()]
+        lines = [r for p in parts for r in _lines(p)]
         rank_of = {i: n for n, i in enumerate(order or [])}
         lines.sort(key=lambda r: rank_of.get(r.get("id"), len(rank_of)))
         with open(self.path, "a") as f:
@@ -70,15 +70,8 @@ class Records:
         """The last line of each id (a torn last line, from a killed run, is ignored)."""
         out: dict[str, dict] = {}
         for p in [self.path, *self.parts()]:
-            if not p.exists():
-                continue
-            for line in p.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(r, dict) and "id" in r:
-                    out[r["id"]] = r
+            for r in _lines(p):
+                out[r["id"]] = r
         return out
 
     def append(self, record: dict) -> None:
@@ -87,6 +80,21 @@ class Records:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _lines(path: Path) -> list[dict]:
+    """The records of one file; a torn line (a run killed while writing it) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "id" in r:
+            out.append(r)
+    return out
 
 
 def write_summary(root: Path, summary: dict) -> None:
