@@ -30,6 +30,7 @@ from tokenflow.config import DTYPES, MODES, RESIZE, EditConfig
 from tokenflow.errors import TokenFlowError
 from tokenflow.outputs import DEFAULT_OUT_DIR, PROG, Outputs, write_outputs
 from tokenflow.outputs import fmt_timings as _fmt_timings
+from tokenflow.outputs import slug as _slug
 
 COMMANDS = ("run", "invert", "edit")
 
@@ -239,11 +240,6 @@ def input_path(name: str) -> Path:
         from tokenflow.sample import sample_path
         return sample_path()
     return Path(name).expanduser()
-
-
-def _slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return s[:n].rstrip("-") or "edit"
 
 
 def plan_outputs(args, cfg: EditConfig, src: Path) -> Outputs:

@@ -6,6 +6,7 @@ frames and side-by-side), `write_outputs` writes it, `written_config` is the sid
 """
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from tokenflow.errors import TokenFlowError
 
 PROG = "tokenflow-edit"
 DEFAULT_OUT_DIR = Path("tokenflow_out")
+
+
+def slug(text: str, n: int = 40) -> str:
+    """A prompt as a short file-name part: `a red car!` -> `a-red-car`."""
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:n].rstrip("-") or "edit"
 
 
 class Staging:

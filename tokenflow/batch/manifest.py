@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import re
 import typing
 from pathlib import Path
 
@@ -25,15 +24,11 @@ import yaml
 
 from tokenflow.batch.spec import Source, Spec
 from tokenflow.config import EditConfig
+from tokenflow.outputs import slug
 
 SELECTION_KEYS = ("first_frame", "stride", "fps")  # the input selection, as in single edits' config files
 ITEM_KEYS = ("video", "name")
 SETTING_KEYS = frozenset(EditConfig.keys()) | set(SELECTION_KEYS) | {"sd_version"}
-
-
-def slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return s[:n].rstrip("-") or "edit"
 
 
 def unknown_keys(mapping: dict, allowed, where: str) -> list[str]:
