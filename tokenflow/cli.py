@@ -18,7 +18,6 @@ import inspect
 import logging
 import os
 import re
-import signal
 import sys
 import time
 import typing
@@ -31,10 +30,13 @@ import yaml
 from tokenflow import __version__
 from tokenflow.config import DTYPES, MODES, RESIZE, EditConfig
 from tokenflow.errors import TokenFlowError
+from tokenflow.outputs import DEFAULT_OUT_DIR, PROG, RESULT_KEY, Outputs, write_outputs
+from tokenflow.outputs import fmt_timings as _fmt_timings
+from tokenflow.outputs import slug as _slug
 
-PROG = "tokenflow-edit"
-COMMANDS = ("run", "invert", "edit", "eval")
-DEFAULT_OUT_DIR = Path("tokenflow_out")
+COMMANDS = ("run", "invert", "edit")
+# Commands with a parser of their own: name -> module whose `main(argv)` runs them.
+SUBCOMMANDS = {"batch": "tokenflow.batch", "cache": "tokenflow.cache_admin", "eval": "tokenflow.metrics.cli"}
 
 # Flags whose name is not the field name: `start` is the reference's SDEdit key, so `--start` is left
 # to the input's first frame, as video tools name it; `--frames` reads better than `--n-frames`.
@@ -63,7 +65,6 @@ HELP = {
 }
 # Config-file keys the CLI itself handles (the input selection); the rest are EditConfig keys.
 CLI_KEYS = ("input", "first_frame", "stride", "fps")
-RESULT_KEY = "result"  # what a run measured (--metrics), written to the side YAML and ignored when it is read
 
 log = logging.getLogger("tokenflow")
 
@@ -151,7 +152,8 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
     p = _Parser(
         prog=prog, description=f"{prog}: {what}.",
         epilog=f"Commands: `{PROG} INPUT ...` (invert + edit), `{PROG} invert INPUT ...`, `{PROG} edit INPUT ...`, "
-               f"`{PROG} cache ls|verify|rm|prune` (the latent store). "
+               f"`{PROG} batch MANIFEST... -o ROOT` (a manifest or benchmark suite), `{PROG} eval EDITED ...` (metrics), "
+               f"`{PROG} cache ls|verify|rm|prune` (the latent store); each has its own --help. "
                f"Each config key is a flag and vice versa; flags override --config. A file named like a "
                f"command or `sample` is given as ./NAME.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,60 +255,6 @@ def input_path(name: str) -> Path:
     return Path(name).expanduser()
 
 
-def _slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return s[:n].rstrip("-") or "edit"
-
-
-class Outputs:
-    """The files of one run, staged under temporary names and renamed together when all are done."""
-
-    def __init__(self, video: Path, *, png: bool, side_by_side: bool, report: bool = False):
-        self.video = video
-        self.config = video.with_suffix(".yaml")
-        self.png = video.with_name(f"{video.stem}_frames") if png else None
-        self.side_by_side = video.with_name(f"{video.stem}_side_by_side.mp4") if side_by_side else None
-        self.report = video.with_name(f"{video.stem}_report.html") if report else None
-        self._staged: list[tuple[Path, Path]] = []
-
-    def paths(self) -> list[Path]:
-        return [p for p in (self.video, self.config, self.png, self.side_by_side, self.report) if p is not None]
-
-    def check(self, overwrite: bool, input_file: Path) -> None:
-        from tokenflow.video import check_output
-        for p in self.paths():
-            if p.parent == DEFAULT_OUT_DIR and not p.parent.exists():
-                continue
-            check_output(p, overwrite=overwrite)
-            if p.resolve() == input_file.resolve():
-                raise TokenFlowError(f"output {p} is the input; choose another output path (the input is never written)")
-
-    def stage(self, final: Path, *, directory: bool = False) -> Path:
-        from tokenflow.video import temp_path
-        if final.parent == DEFAULT_OUT_DIR:
-            DEFAULT_OUT_DIR.mkdir(exist_ok=True)
-        tmp = temp_path(final, directory=directory)
-        self._staged.append((tmp, final))
-        return tmp
-
-    def commit(self) -> None:
-        from tokenflow.video import commit
-        # SIGINT is held off for the few renames, so the outputs appear all together or not at all
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            for tmp, final in self._staged:
-                commit(tmp, final)
-            self._staged.clear()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-    def discard(self) -> None:
-        from tokenflow.video import remove
-        for tmp, _ in self._staged:
-            remove(tmp)
-        self._staged.clear()
-
-
 def output_paths(args, cfg: EditConfig, src: Path) -> Outputs:
     name = f"{src.stem}_{_slug(cfg.prompt)}.mp4"
     if args.output is None:  # the default folder is made when the outputs are written, not before
@@ -327,23 +275,6 @@ def output_paths(args, cfg: EditConfig, src: Path) -> Outputs:
     return outputs
 
 
-def written_config(cfg: EditConfig, sel: dict, src_label: str, size: tuple[int, int]) -> dict:
-    """The config a rerun needs to reproduce this run: paths made absolute, the processing size filled in
-    (except in reference mode, where the size given decides the reference's two-step resize)."""
-    d = cfg.to_dict()
-    if not cfg.match_reference:
-        d["width"], d["height"] = size
-    for k in ("depth", "cache_dir", "model_config"):
-        if d[k] is not None:
-            d[k] = str(Path(d[k]).expanduser().resolve())
-    if Path(cfg.model).expanduser().exists():
-        d["model"] = str(Path(cfg.model).expanduser().resolve())
-    head = {"input": src_label, "first_frame": sel["first_frame"], "stride": sel["stride"]}
-    if sel["fps"] is not None:
-        head["fps"] = str(sel["fps"])
-    return {**head, **d}
-
-
 # -- running -----------------------------------------------------------------------------------------
 
 def _note(quiet: bool, msg: str) -> None:
@@ -357,10 +288,6 @@ def _tiny_warning() -> None:
           f"{PROG}: WARNING: its output is MEANINGLESS noise, not an edit. For a real edit use the default model\n"
           f"{PROG}: WARNING: (in the Hugging Face cache or downloadable), a local folder or --model PATH.\n{bar}",
           file=sys.stderr, flush=True)
-
-
-def _fmt_timings(t: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -421,7 +348,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     from tokenflow.metrics.cli import edit_result
     metrics = edit_result(args, res.frames, frames[:len(res.frames)], cfg.prompt, timings, quiet)
     t0 = time.perf_counter()
-    write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args, timings, quiet, metrics)
+    write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args.crf, timings, quiet, metrics)
     timings["write"] = time.perf_counter() - t0
     peak = "n/a (CPU)" if res.peak_gpu_mem is None else f"{res.peak_gpu_mem / 2**30:.2f} GiB"
     out_fps = fps / sel["stride"]
@@ -434,47 +361,6 @@ def run(command: str, args: argparse.Namespace) -> int:
 
 def _fps(f: Fraction) -> str:
     return str(f.numerator) if f.denominator == 1 else f"{f} (~{float(f):.3f})"
-
-
-def write_outputs(outputs: Outputs, edited, frames, cfg, sel, info, src, fps, size, args, timings, quiet,
-                  metrics: dict | None = None) -> None:
-    from tokenflow.video import encode_video, save_png_frames, side_by_side
-
-    n = len(edited)
-    out_fps = fps / sel["stride"]
-    audio = dict(audio_from=None if info.is_folder else src, audio_start=float(sel["first_frame"] / fps),
-                 audio_duration=float(n / out_fps))
-    try:
-        encode_video(outputs.stage(outputs.video), edited, out_fps, crf=args.crf, total=n, progress=not quiet, **audio)
-        if outputs.side_by_side is not None:
-            encode_video(outputs.stage(outputs.side_by_side), side_by_side(frames[:n], edited), out_fps,
-                         crf=args.crf, total=n, progress=not quiet, **audio)
-        if outputs.png is not None:
-            save_png_frames(outputs.stage(outputs.png, directory=True), edited)
-        label = "sample" if str(sel["input"]) == "sample" else str(src.resolve())
-        written = written_config(cfg, sel, label, size)
-        if metrics is not None:
-            from tokenflow.metrics import metric_values
-            written[RESULT_KEY] = {"frames": n, "size": list(size), "fps": str(out_fps), "seconds": dict(timings),
-                                   "metrics": metric_values(metrics)}
-        text = yaml.safe_dump(written, sort_keys=False, allow_unicode=True)
-        header = (f"# {PROG} {__version__}: the settings of the run that wrote {outputs.video.name}\n"
-                  f"# rerun: {PROG} --config {outputs.config.name} -o NEW.mp4\n"
-                  f"# result: {n} frames {size[0]}x{size[1]} at {out_fps} fps; {_fmt_timings(timings)}\n")
-        if cfg.model.startswith("tiny-random"):
-            header += "# model tiny-random: random weights, the output is MEANINGLESS\n"
-        outputs.stage(outputs.config).write_text(header + text)
-        if outputs.report is not None:
-            from tokenflow.metrics.cli import edit_record
-            from tokenflow.report import render
-            record = edit_record(outputs.video.stem, cfg.prompt, label, outputs.video, frames[:n], edited, timings,
-                                 metrics, model=cfg.model, fps=float(out_fps))
-            outputs.stage(outputs.report).write_text(render([record], title=f"TokenFlow edit: {outputs.video.name}"),
-                                                     encoding="utf-8")
-        outputs.commit()
-    except BaseException:
-        outputs.discard()
-        raise
 
 
 def _setup_logging(args) -> None:
@@ -496,13 +382,10 @@ def _describe(e: TokenFlowError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["cache"]:  # the latent store's own commands (tokenflow/cache_admin.py)
-        from tokenflow.cache_admin import main as cache_main
-        return cache_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     command, rest = split_command(argv)
-    if command == "eval":
-        from tokenflow.metrics.cli import main as eval_main
-        return eval_main(rest)
     args = build_parser(command).parse_args(rest)
     _setup_logging(args)
     try:

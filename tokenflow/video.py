@@ -164,19 +164,23 @@ def resize_for(src_w: int, src_h: int, *, width: int | None = None, height: int 
     return Resize(_mult8(src_w * scale, how), _mult8(src_h * scale, how), resize)
 
 
+def _scaled_size(w: int, h: int, W: int, H: int, policy: str) -> tuple[int, int]:
+    """crop/pad: the size a w x h frame is scaled to before it is cut to, or centred in, W x H."""
+    # crop covers the target and cuts the centre out; pad fits inside it and adds black borders
+    s = max(W / w, H / h) if policy == "crop" else min(W / w, H / h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    if policy == "crop":
+        return max(nw, W), max(nh, H)
+    return min(nw, W), min(nh, H)
+
+
 def _resize_image(im: Image.Image, W: int, H: int, policy: str) -> Image.Image:
     w, h = im.size
     if (w, h) == (W, H):
         return im
     if policy == "stretch":
         return im.resize((W, H), Image.Resampling.LANCZOS)
-    # crop covers the target and cuts the centre out; pad fits inside it and adds black borders
-    s = max(W / w, H / h) if policy == "crop" else min(W / w, H / h)
-    nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    if policy == "crop":
-        nw, nh = max(nw, W), max(nh, H)
-    else:
-        nw, nh = min(nw, W), min(nh, H)
+    nw, nh = _scaled_size(w, h, W, H, policy)
     im = im.resize((nw, nh), Image.Resampling.LANCZOS) if (nw, nh) != (w, h) else im
     if policy == "crop":
         x, y = (nw - W) // 2, (nh - H) // 2
@@ -184,6 +188,26 @@ def _resize_image(im: Image.Image, W: int, H: int, policy: str) -> Image.Image:
     canvas = Image.new("RGB", (W, H))
     canvas.paste(im, ((W - nw) // 2, (H - nh) // 2))
     return canvas
+
+
+def restore_size(frames: torch.Tensor, resize: Resize, src_w: int, src_h: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] at the processing size of `resize` -> [N, 3, src_h, src_w], aligned pixel for pixel
+    with the source frames `resize` was applied to: stretched back, or the pad borders cut off first.
+    `crop` cannot be undone (the borders it cut are gone): a TokenFlowError says so."""
+    if resize.policy == "crop" and (resize.width, resize.height) != (src_w, src_h):
+        raise TokenFlowError("frames resized with `crop` cannot be mapped back onto the source: the cut borders "
+                             "are gone; use resize stretch or pad")
+    out = []
+    for f in frames:
+        im = _to_image(f)
+        if resize.policy == "pad" and resize.via is None:
+            nw, nh = _scaled_size(src_w, src_h, resize.width, resize.height, "pad")
+            x, y = (resize.width - nw) // 2, (resize.height - nh) // 2
+            im = im.crop((x, y, x + nw, y + nh))
+        if im.size != (src_w, src_h):
+            im = im.resize((src_w, src_h), Image.Resampling.LANCZOS)
+        out.append(_to_tensor(im))
+    return torch.stack(out) if out else frames.new_zeros((0, 3, src_h, src_w))
 
 
 def _apply(im: Image.Image, r: Resize | None) -> Image.Image:

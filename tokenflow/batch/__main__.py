@@ -1,0 +1,5 @@
+import sys
+
+from tokenflow.batch import main
+
+sys.exit(main())
