@@ -27,6 +27,7 @@ from tokenflow.inversion import (decode_latents, encode_frames, invert_into_stor
 from tokenflow.keyframes import make_groups
 from tokenflow.latent_store import EditCheckpoint, LatentStore, frames_digest
 from tokenflow.models import Models, load_models, resolve_device, resolve_dtype
+from tokenflow.ops.backends import resolve_forced
 from tokenflow.planner import MemoryPlan, plan_memory
 from tokenflow.processors import install
 from tokenflow.state import KeyframeRecords, StepState
@@ -173,7 +174,8 @@ class TokenFlowEditor:
             torch.cuda.reset_peak_memory_stats(m.device)
         timings: dict[str, float] = {}
         frames, groups = self._frames(frames, cfg)
-        op_backends = forced_backends(cfg.backend, m.device, m.dtype)  # a bad --backend fails before any work
+        # op -> backend (None: auto); a bad --backend fails here, before any work
+        op_backends = resolve_forced(cfg.backend, m.device, m.dtype, source=f"--backend {cfg.backend}")
         if inversion is None:
             inversion = self.invert(frames, cfg, progress=progress, depth=depth, _timings=timings)
         mem = plan_memory(m, cfg, frames.shape[2] // 8, frames.shape[3] // 8, keyframes=len(groups))
@@ -213,34 +215,6 @@ class TokenFlowEditor:
             out = torch.cat(list(decode_latents(m, x, mem.vae_frames, progress)))
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
         return EditResult(out, timings, peak, inversion.reused, inversion.path, mem, resumed)
-
-
-def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
-    """op -> backend for `--backend NAME`: NAME for the operations it implements, auto for the others
-    (e.g. the C++ `cpu` backend only propagates). Checked up front on a probe of the model's device and dtype."""
-    from tokenflow.ops import backends
-
-    if name == "auto":
-        return {}
-    reason = backends.why_unavailable(name)
-    if reason:
-        raise TokenFlowError(f"--backend {name}: {reason}; use --backend auto")
-    b = backends.get(name)
-    probe = dict(x=torch.zeros(1, 8, 64, device=device, dtype=dtype), key_feats=torch.zeros(1, 8, 64, device=device, dtype=dtype),
-                 key_out=torch.zeros(3, 1, 8, 64, device=device, dtype=dtype), which=torch.zeros(1, 2, dtype=torch.long, device=device),
-                 weights=torch.zeros(1, 2, device=device), residual=None)
-    qkv = torch.zeros(3, 1, 8, 64, device=device, dtype=dtype)
-    probes = {"propagate": probe, "extended_attention": dict(q=qkv, k=qkv, v=qkv, heads=1, shared_qk=False)}
-    out = {}
-    for op, inputs in probes.items():
-        if op in b.ops:
-            reason = b.why_not(op, **inputs)
-            if reason:
-                raise TokenFlowError(f"--backend {name} cannot run {op} here: {reason}; use --backend auto")
-            out[op] = name
-    if not out:
-        raise TokenFlowError(f"--backend {name} implements neither operation the editor runs; use --backend auto")
-    return out
 
 
 @contextmanager
