@@ -193,6 +193,8 @@ def test_auto_on_the_cpu_takes_the_cpu_backend_only_with_the_kernel_that_beats_t
     monkeypatch.setattr(capabilities, "cpu_isa", lambda: "avx2")
     assert "avx2" not in AUTO_ISAS  # measured slower than torch (bench/results/propagate_cpu_isa.json)
     assert backends.get("cpu").why_not_auto().startswith("auto skips it with the avx2 CPU kernel")
+    assert backends.explain("propagate", auto=True, **inputs)["cpu"] == backends.get("cpu").why_not_auto()
+    assert backends.explain("propagate", **inputs)["cpu"] is None  # by name it runs
     assert chosen("propagate", **inputs) == "torch"
     assert ops.propagate(**inputs, backend="cpu").shape == (3, 2, 10, 32)  # by name it still runs
 

@@ -226,13 +226,19 @@ def choose(op: str, backend: str | None, **inputs) -> Backend:
     return _auto(op, inputs)
 
 
-def explain(op: str, **inputs) -> dict[str, str | None]:
-    """For each known backend, None if it would run `op` on these inputs when asked by name, else why not."""
+def explain(op: str, *, auto: bool = False, **inputs) -> dict[str, str | None]:
+    """For each known backend, None if it would run `op` on these inputs when asked by name, else why not;
+    with `auto=True`, as `auto` sees them (also why it passes a backend over, e.g. faiss, or the cpu
+    backend with a kernel variant slower than torch)."""
     _load()
     out = {}
     for n in known()[1:]:
         reason = why_unavailable(n)
-        out[n] = f"unavailable: {reason}" if reason else _registry[n].why_not(op, **inputs)
+        if reason:
+            out[n] = f"unavailable: {reason}"
+        else:
+            b = _registry[n]
+            out[n] = (b.why_not_auto() if auto else None) or b.why_not(op, **inputs)
     return out
 
 
