@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenflow.ops.backends import register
+from tokenflow.ops.backends import Backend, register
+from tokenflow.ops.capabilities import OPS, Capabilities
 
 
 def _attention_per_head(q, k, v, heads, scale):
@@ -28,13 +29,9 @@ def _attention_per_head(q, k, v, heads, scale):
     return out
 
 
-class BaselineBackend:
+class BaselineBackend(Backend):
     name = "baseline"
-    ops = ("extended_attention", "propagate", "cosine_argmax")
-    auto = False
-
-    def why_not(self, op, **inputs):
-        return None
+    caps = Capabilities(ops=OPS, auto=False, auto_note="the published implementation's pattern, for benchmarks")
 
     def extended_attention(self, q, k, v, heads, *, shared_qk=False, scale=None):
         R, K, S, C = v.shape

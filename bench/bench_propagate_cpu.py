@@ -20,7 +20,16 @@ vector: the pre-search's worst case, where every window overflows and the float3
 Writes bench/results/propagate_cpu.json (min and median seconds per method, GFLOP/s of the search,
 speed-ups, agreement with the reference, machine and versions).
 
+`--isa avx2 avx512bf16` runs the whole benchmark once per CPU kernel variant, each in its own process with
+TOKENFLOW_CPU_ISA capping the variant (the choice is made once per process), and writes one report with a
+"by_isa" entry per variant and "cpu_vs_torch" (the torch backend's time over the cpu backend's, per dtype
+and inputs): the data behind the variants with which `auto` picks the cpu backend
+(tokenflow/ops/backend_cpu.py AUTO_ISAS; default output bench/results/propagate_cpu_isa.json). The cap
+applies to this project's kernel only; to stand for an AVX2-only host, cap torch too
+(MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2, recorded in "isa_env").
+
     python bench/bench_propagate_cpu.py [--rounds 7] [--dtypes float32 bfloat16] [--inputs random video duplicates]
+                                        [--isa generic avx2 avx512 avx512bf16 ...] [--threads N] [--clock wall|cpu]
                                         [--out PATH]
 """
 from __future__ import annotations
@@ -31,7 +40,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,7 +129,7 @@ def without_presearch(fn):
     return run
 
 
-def bench_dtype(dtype: torch.dtype, kind: str, rounds: int) -> dict:
+def bench_dtype(dtype: torch.dtype, kind: str, rounds: int, clock=time.perf_counter) -> dict:
     inputs = make_inputs(dtype, kind)
     x, key_feats = inputs[0], inputs[1]
     methods = {
@@ -145,9 +156,9 @@ def bench_dtype(dtype: torch.dtype, kind: str, rounds: int) -> dict:
     times = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     search_flop = 2.0 * B * J * S * S * C
     res = {}
     for name, ts in times.items():
@@ -162,32 +173,91 @@ def bench_dtype(dtype: torch.dtype, kind: str, rounds: int) -> dict:
     return out
 
 
+def by_isa(args, argv) -> int:
+    """One child process per ISA (TOKENFLOW_CPU_ISA), the reports merged into one file."""
+    results = Path(__file__).resolve().parent / "results"
+    out = Path(args.out or results / "propagate_cpu_isa.json")
+    rest = [a for a in argv if a not in args.isa and a not in ("--isa",)]
+    if "--out" in rest:
+        i = rest.index("--out")
+        del rest[i:i + 2]
+    reports, ratios = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for isa in args.isa:
+            part = Path(tmp) / f"{isa}.json"
+            subprocess.run([sys.executable, __file__, *rest, "--out", str(part)], check=True,
+                           env=dict(os.environ, TOKENFLOW_CPU_ISA=isa))
+            reports[isa] = json.loads(part.read_text())
+            ran = reports[isa]["versions"]["tokenflow_C"]["cpu_isa"]
+            for r in reports[isa]["results"]:
+                ratios.append({"isa": ran, "torch_cpu_capability": reports[isa]["torch_cpu_capability"],
+                               "dtype": r["dtype"], "inputs": r["inputs"],
+                               "cpu_min_s": r["methods"]["cpu"]["min_s"],
+                               "torch_min_s": r["methods"]["reference"]["min_s"],
+                               "cpu_vs_torch": r["speedup_min"]["cpu_vs_reference"]})
+    first = next(iter(reports.values()))
+    report = {"benchmark": "propagate_cpu_isa", "shape": first["shape"],
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", "bench/bench_propagate_cpu.py", *argv]),
+              "machine": first["machine"], "versions": first["versions"], "timing": first["timing"],
+              "cpu_vs_torch": ratios, "by_isa": reports}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp_out.replace(out)
+    for r in ratios:
+        print(f"{r['isa']:>10} (torch {r['torch_cpu_capability']}) {r['dtype']:>8} {r['inputs']:>10}: cpu {r['cpu_min_s'] * 1e3:.1f} ms, "
+              f"torch {r['torch_min_s'] * 1e3:.1f} ms, torch/cpu {r['cpu_vs_torch']}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--inputs", nargs="+", default=["random", "video", "duplicates"],
                     choices=["random", "video", "duplicates"])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "propagate_cpu.json"))
+    ap.add_argument("--isa", nargs="+", choices=["generic", "avx2", "avx512", "avx512bf16"],
+                    help="one run per CPU kernel variant, merged (default output propagate_cpu_isa.json)")
+    ap.add_argument("--threads", type=int, default=None, help="torch (and cpu backend) threads; default torch's")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
+    ap.add_argument("--out", default=None, help="default bench/results/propagate_cpu.json")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if args.isa:
+        return by_isa(args, argv)
+    args.out = args.out or str(Path(__file__).resolve().parent / "results" / "propagate_cpu.json")
 
     from tokenflow import _C  # fails clearly if the extension is not built
 
-    results = [bench_dtype(getattr(torch, d), kind, args.rounds) for kind in args.inputs for d in args.dtypes]
+    # CPU time of this process: on a shared machine it does not count the time other processes hold the
+    # cores (with one thread it is the work's own cost; with more it also counts threads spinning at barriers).
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    results = [bench_dtype(getattr(torch, d), kind, args.rounds, clock) for kind in args.inputs for d in args.dtypes]
     report = {
         "benchmark": "propagate_cpu",
         "shape": {"B": B, "S": S, "C": C, "R": R, "J": J, "keyframes": 2, "residual": True},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
+        # Caps on the ISA: TOKENFLOW_CPU_ISA for the cpu backend; MKL's and ATen's for torch (an AVX2-only host)
+        "isa_env": {k: os.environ.get(k) for k in ("TOKENFLOW_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "tokenflow_C": _C.build_info()},
-        "timing": f"{args.rounds} interleaved rounds after one warm-up; min and median wall time",
+        "timing": f"{args.rounds} interleaved rounds after one warm-up; min and median "
+                  f"{'process CPU' if args.clock == 'cpu' else 'wall'} time, {torch.get_num_threads()} thread(s)",
         "results": results,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp_out.replace(out)
     for r in results:
         line = ", ".join(f"{n} {v['min_s'] * 1e3:.1f} ms" for n, v in r["methods"].items())
         print(f"{r['inputs']} {r['dtype']}: {line}; speed-up {r['speedup_min']}; {r['agreement']}"

@@ -140,8 +140,8 @@ def backend_runs(op: str, inputs: dict, call) -> tuple[dict, dict]:
     for name in backends.available():
         if reasons[name]:
             skipped[name] = reasons[name]
-        elif getattr(backends.get(name), "auto", True) is False:
-            skipped[name] = "not for real work here (e.g. the Triton interpreter)"
+        elif not backends.get(name).capabilities().auto:
+            skipped[name] = "not for real work here (e.g. the Triton interpreter): " + backends.get(name).why_not_auto()
         else:
             run[name] = (lambda n: lambda: call(n))(name)
     return run, skipped

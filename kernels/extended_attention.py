@@ -1,4 +1,4 @@
-"""Triton flash-attention kernel of TokenFlow's keyframe pass (extended attention, spec section 4).
+"""Triton flash-attention kernel of TokenFlow's keyframe pass (extended attention).
 
 Contract: `tokenflow.ops.extended_attention`: q, k, v [R, K, S, C] (q, k [1, K, S, C] with shared_qk),
 channels head-major (C = heads * d). Branch 0 attends within its own frame (S keys); branch r >= 1

@@ -1,6 +1,6 @@
 """Triton kernel of TokenFlow's propagation: cosine nearest neighbour, gather of keyframe outputs, blend.
 
-Contract: `tokenflow.ops.propagate` / `tokenflow.ops.cosine_argmax` (shapes in the spec's symbols:
+Contract: `tokenflow.ops.propagate` / `tokenflow.ops.cosine_argmax` (shapes in its symbols:
 F frames, K keyframes, S tokens, C channels, R branches, J candidate keyframes per frame).
 
 One program owns BLOCK_M query tokens of one frame f. For each candidate j (which[f, j] >= 0) it walks the

@@ -1,4 +1,5 @@
-"""The kernel tests' shared toolkit: inputs with a known answer, float64 truths, and the index check.
+"""The kernel tests' toolkit: inputs with a known answer, float64 truths, and checks with each backend's
+own tolerances (`tokenflow.ops.accuracy`, the table the first-use self-check uses too).
 
 Nearest-neighbour indices are checked against the float64 truth, not against another backend's float32
 result: two correct float32 searches may sum a dot product in different orders (tiles, SIMD lanes, the
@@ -6,15 +7,42 @@ host BLAS under Triton's interpreter), so at a near-tie either index is right. T
 "every index reaches the best float64 similarity to within the dtype's tolerance", which pins the index
 wherever the best candidate leads by more than that. Exact ties are tested on features built so that
 every score is exact in any summation order (`exact_features`), where the lowest index must win.
+Outputs are checked in float64 against the formula applied to the backend's own indices (`blend`), so a
+gather-blend bug cannot hide behind a search bug.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
-# How far below the float64 best similarity a backend's chosen candidate may score, by feature dtype:
-# float32 accumulation of C products (C <= 640 here) stays below 1e-5; half-precision inputs round the
-# features the search sees (and the reference's float32 normalisation rounds them again).
-SEARCH_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+from tokenflow.ops import backends
+from tokenflow.ops.accuracy import (TOLERANCES, Tolerance, best_similarity, blend, check_indices,  # noqa: F401
+                                    similarity, unambiguous_features)
+
+
+def tolerance(backend: str | None, op: str, dtype: torch.dtype) -> Tolerance:
+    """Backend `backend`'s tolerance for `op` in `dtype` (the shared table for None)."""
+    if backend is None:
+        return TOLERANCES[op][dtype]
+    return backends.get(backend).capabilities().tolerance(op, dtype)
+
+
+def use(name: str, op: str, **inputs) -> None:
+    """Skip the test unless backend `name` accepts these inputs."""
+    reason = backends.explain(op, **inputs)[name]
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+
+
+def assert_close(got: torch.Tensor, truth: torch.Tensor, tol: Tolerance, ref: torch.Tensor | None = None) -> None:
+    problem = tol.check(got, truth, ref=ref)
+    assert problem is None, problem
+
+
+def assert_indices(x, key_feats, which, got, tol: Tolerance) -> None:
+    """`got` [F, J, S] is a correct cosine_argmax result (see the module docstring)."""
+    problem = check_indices(x, key_feats, which, got, tol)
+    assert problem is None, problem
 
 
 def exact_features(n: int, S: int, C: int, generator: torch.Generator) -> torch.Tensor:
@@ -31,72 +59,60 @@ def exact_features(n: int, S: int, C: int, generator: torch.Generator) -> torch.
     return out.view(n, S, C)
 
 
-def unambiguous_features(F: int, K: int, S: int, C: int, generator: torch.Generator):
-    """(x [F, S, C], key_feats [K, S, C]) where every query token is a near copy (noise 1e-2) of one
-    candidate token of every keyframe: each nearest neighbour wins by a wide margin in any precision. For
-    tests whose subject is not the search (launchers, epilogues, tracing)."""
-    base = torch.randn(S, C, generator=generator)
+def propagate_inputs(F, K, S, C, J, R, dtype, seed=0, *, negative=False, none_rate=0.3, device="cpu",
+                     unambiguous=False):
+    """(x, key_feats, key_out, which, weights, residual) for `propagate`, random in `dtype` on `device`.
+    `negative`: every cosine similarity is negative (a masked candidate scored 0 instead of -inf would
+    win); `unambiguous`: every nearest neighbour wins by a wide margin (for tests whose subject is not the
+    search); `none_rate`: the share of which entries that are -1."""
+    g = torch.Generator().manual_seed(seed)
+    if unambiguous:
+        x, key_feats = unambiguous_features(F, K, S, C, g)
+    else:
+        x = torch.randn(F, S, C, generator=g)
+        key_feats = torch.randn(K, S, C, generator=g)
+    if negative:
+        x, key_feats = -x.abs(), key_feats.abs()
+    key_out = torch.randn(R, K, S, C, generator=g)
+    residual = torch.randn(R, F, S, C, generator=g)
+    which = torch.randint(0, K, (F, J), generator=g)
+    which[torch.rand(F, J, generator=g) < none_rate] = -1
+    weights = torch.rand(F, J, generator=g)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(key_feats), cast(key_out), which.to(device), weights.to(device), cast(residual)
 
-    def copies(n):
-        return torch.stack([base[torch.randperm(S, generator=generator)] for _ in range(n)]) \
-            + 0.01 * torch.randn(n, S, C, generator=generator)
-    return copies(F), copies(K)
+
+def attention_inputs(R, K, S, heads, d, dtype, shared, seed=0, device="cpu"):
+    """(q, k, v) for `extended_attention`: q, k [1, K, S, C] with `shared` (Q/K injection), else [R, K, S, C]."""
+    g = torch.Generator().manual_seed(seed)
+    Rq = 1 if shared else R
+    C = heads * d
+    q = torch.randn(Rq, K, S, C, generator=g)
+    k = torch.randn(Rq, K, S, C, generator=g)
+    v = torch.randn(R, K, S, C, generator=g)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def similarity(x, key_feats, which, idx) -> torch.Tensor:
-    """cos(x[f, s], key_feats[which[f, j], idx[f, j, s]]) in float64, NaN where which is -1: [F, J, S]."""
-    xs = torch.nn.functional.normalize(x.double().cpu(), dim=-1)
-    ks = torch.nn.functional.normalize(key_feats.double().cpu(), dim=-1)
-    idx, which = idx.cpu(), which.cpu()
-    out = torch.full(idx.shape, float("nan"), dtype=torch.float64)
-    for f in range(which.shape[0]):
-        for j in range(which.shape[1]):
-            kf = int(which[f, j])
-            if kf >= 0:
-                out[f, j] = (xs[f] * ks[kf][idx[f, j]]).sum(-1)
+def naive_attention(q, k, v, heads, shared_qk=False, scale=None):
+    """Extended attention written out: explicit logits over the explicitly concatenated keys of all
+    keyframes of a branch, an explicit softmax, in float64, one (branch, frame, head) at a time."""
+    R, K, S, C = v.shape
+    d = C // heads
+    scale = d ** -0.5 if scale is None else scale
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    out = torch.empty(R, K, S, C, dtype=torch.float64)
+    for r in range(R):
+        qk_b = 0 if shared_qk else r
+        for f in range(K):
+            if r == 0:
+                keys, vals = k[qk_b, f], v[r, f]                      # own frame: [S, C]
+            else:
+                keys = torch.cat([k[qk_b, g] for g in range(K)], 0)   # all keyframes of the branch: [K*S, C]
+                vals = torch.cat([v[r, g] for g in range(K)], 0)
+            for h in range(heads):
+                cs = slice(h * d, (h + 1) * d)
+                logits = q[qk_b, f][:, cs] @ keys[:, cs].T * scale
+                p = torch.exp(logits - logits.max(-1, keepdim=True).values)
+                p = p / p.sum(-1, keepdim=True)
+                out[r, f][:, cs] = p @ vals[:, cs]
     return out
-
-
-def best_similarity(x, key_feats, which) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 best cosine [F, J, S] (NaN where which is -1), its lowest-index argmax [F, J, S])."""
-    xs = torch.nn.functional.normalize(x.double().cpu(), dim=-1)
-    ks = torch.nn.functional.normalize(key_feats.double().cpu(), dim=-1)
-    which = which.cpu()
-    F_, J = which.shape
-    best = torch.full((F_, J, x.shape[1]), float("nan"), dtype=torch.float64)
-    arg = torch.zeros(F_, J, x.shape[1], dtype=torch.int64)
-    for f in range(F_):
-        for j in range(J):
-            kf = int(which[f, j])
-            if kf >= 0:
-                best[f, j], arg[f, j] = (xs[f] @ ks[kf].T).max(dim=-1)  # max: first maximal index
-    return best, arg
-
-
-def assert_indices(x, key_feats, which, got, tol: float) -> None:
-    """`got` [F, J, S] is a correct cosine_argmax result: int64, 0 where which is -1, in range, and each
-    index reaches the float64 best similarity to within `tol` (see the module docstring)."""
-    F_, J = which.shape
-    assert got.dtype == torch.int64 and tuple(got.shape) == (F_, J, x.shape[1]), (got.dtype, tuple(got.shape))
-    got, which = got.cpu(), which.cpu()
-    none = (which < 0).unsqueeze(-1).expand_as(got)
-    assert (got[none] == 0).all(), "which = -1 must give index 0"
-    assert ((got >= 0) & (got < key_feats.shape[1])).all(), "an index is out of range"
-    best, _ = best_similarity(x, key_feats, which)
-    gap = (best - similarity(x, key_feats, which, got))[~none]
-    assert gap.numel() == 0 or gap.max() <= tol, \
-        f"an index reaches {gap.max():.3g} less similarity than the best (tolerance {tol:g})"
-
-
-def blend(key_out, which, weights, residual, idx) -> torch.Tensor:
-    """The propagate formula with the given indices, in float64: isolates the gather-blend from the search."""
-    key_out, which, weights, idx = key_out.double().cpu(), which.cpu(), weights.double().cpu(), idx.cpu()
-    R, F_, S = key_out.shape[0], which.shape[0], idx.shape[2]
-    acc = residual.double().cpu().clone() if residual is not None else \
-        torch.zeros(R, F_, S, key_out.shape[3], dtype=torch.float64)
-    for f in range(F_):
-        for j in range(which.shape[1]):
-            kf = int(which[f, j])
-            if kf >= 0:
-                acc[:, f] += weights[f, j] * key_out[:, kf, idx[f, j]]
-    return acc

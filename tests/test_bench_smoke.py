@@ -51,3 +51,17 @@ def test_cpu_propagation_benchmark_smoke(tmp_path):
     assert set(res["methods"]) == {"cpu", "reference", "ref_pattern", "gemm_only", "cpu_fp32_search"}
     assert res["presearch"]["rows"] in (0, 16384)  # 0 where the CPU has no AVX512-BF16
     assert res["agreement"]["index_mismatches"] <= 16
+
+
+def test_cpu_propagation_benchmark_per_isa_smoke(tmp_path):
+    # --isa: one child process per kernel variant, merged; the variant really ran is recorded.
+    pytest.importorskip("tokenflow._C")
+    out = tmp_path / "propagate_cpu_isa.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_propagate_cpu.py"), "--rounds", "1",
+                        "--dtypes", "float32", "--inputs", "random", "--isa", "avx2", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (row,) = data["cpu_vs_torch"]
+    assert row["isa"] in ("avx2", "generic") and row["cpu_vs_torch"] > 0  # generic where the CPU lacks AVX2
+    assert data["by_isa"]["avx2"]["isa_env"]["TOKENFLOW_CPU_ISA"] == "avx2"

@@ -171,19 +171,25 @@ def test_sdedit_starts_at_the_intended_timestep():
 
 
 def test_forced_backend_applies_to_the_ops_it_implements(tiny_editor, clip, tiny_cfg):
-    from tokenflow.job import forced_backends
+    from tokenflow.ops.backends import resolve_forced
 
     cpu = torch.device("cpu")
-    assert forced_backends("auto", cpu, torch.float32) == {}
-    assert forced_backends("torch", cpu, torch.float32) == {"propagate": "torch", "extended_attention": "torch"}
-    with pytest.raises(TokenFlowError, match="backend 'nope'"):
-        forced_backends("nope", cpu, torch.float32)
+    flag = lambda name: dict(source=f"--backend {name}")  # noqa: E731  (as the editor names it)
+    assert resolve_forced("auto", cpu, torch.float32) == dict.fromkeys(["extended_attention", "propagate", "cosine_argmax"])
+    assert resolve_forced("torch", cpu, torch.float32) == {
+        "extended_attention": "torch", "propagate": "torch", "cosine_argmax": "torch"}
+    with pytest.raises(TokenFlowError, match="--backend nope"):
+        resolve_forced("nope", cpu, torch.float32, **flag("nope"))
     from tokenflow import ops
     if "cpu" in ops.available():  # the C++ backend propagates only: attention stays on auto
-        assert forced_backends("cpu", cpu, torch.float32) == {"propagate": "cpu"}
-    if "cuda" in ops.available() and not torch.cuda.is_available():
-        with pytest.raises(TokenFlowError, match="backend 'cuda' cannot run propagate here"):
-            forced_backends("cuda", cpu, torch.float32)
+        assert resolve_forced("cpu", cpu, torch.float32) == {
+            "extended_attention": None, "propagate": "cpu", "cosine_argmax": "cpu"}
+        # from the declared devices alone: no tensor is made on (and no driver asked about) the GPU
+        with pytest.raises(TokenFlowError, match="--backend cpu cannot run propagate here: the model is on cuda"):
+            resolve_forced("cpu", torch.device("cuda"), torch.float16, **flag("cpu"))
+    if not torch.cuda.is_available():  # unavailable without a GPU, whether or not the kernels were built
+        with pytest.raises(TokenFlowError, match=r"--backend cuda: .*(PyTorch sees no CUDA device|tokenflow._C)"):
+            resolve_forced("cuda", cpu, torch.float32, **flag("cuda"))
     ran = []
     for name in ops.available():
         b = ops.backends.get(name)

@@ -1,7 +1,9 @@
 """`tokenflow.ops.extended_attention` on every loaded backend against a naive full-softmax computation.
 
-The naive version (below) is extended attention written out: explicit logits over the concatenated keys
-of all keyframes of a branch, an explicit softmax, in float64. Without a GPU the `triton` backend runs in
+The naive version (opcheck.naive_attention) is the operation written out: explicit logits over the
+concatenated keys of all keyframes of a branch, an explicit softmax, in float64. Each backend is held to
+its own tolerance (tokenflow.ops.accuracy, the table the first-use self-check uses). Without a GPU the
+`triton` backend runs in
 Triton's interpreter (tests/conftest.py), so shapes are tiny: S not a multiple of the tiles, one keyframe,
 one branch, an odd number of branches >= 1 (the shared-probability kernel pairs them), head dims of the
 SD family (40, 64, 80, 160).
@@ -12,8 +14,11 @@ import pytest
 import torch
 
 import tokenflow.ops as ops
-from tokenflow.ops import backends
+from opcheck import assert_close, tolerance, use
+from opcheck import attention_inputs as make
+from opcheck import naive_attention as naive
 from sm90 import run_sm90
+from tokenflow.ops import backends
 
 # Backends implementing the op (the search-only ones would only add skips).
 BACKENDS = [n for n in ops.available() if "extended_attention" in backends.get(n).ops]
@@ -30,49 +35,6 @@ SHAPES = [
 IDS = [f"R{r}K{k}S{s}h{h}d{d}" for r, k, s, h, d in SHAPES]
 
 
-def make(R, K, S, heads, d, dtype, shared, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    Rq = 1 if shared else R
-    C = heads * d
-    q = torch.randn(Rq, K, S, C, generator=g)
-    k = torch.randn(Rq, K, S, C, generator=g)
-    v = torch.randn(R, K, S, C, generator=g)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
-
-
-def naive(q, k, v, heads, shared_qk=False, scale=None):
-    """Explicit softmax over explicitly concatenated keys, float64, one (branch, frame, head) at a time."""
-    R, K, S, C = v.shape
-    d = C // heads
-    scale = d ** -0.5 if scale is None else scale
-    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
-    out = torch.empty(R, K, S, C, dtype=torch.float64)
-    for r in range(R):
-        qk_b = 0 if shared_qk else r
-        for f in range(K):
-            if r == 0:
-                keys, vals = k[qk_b, f], v[r, f]                      # own frame: [S, C]
-            else:
-                keys = torch.cat([k[qk_b, g] for g in range(K)], 0)   # all keyframes of the branch: [K*S, C]
-                vals = torch.cat([v[r, g] for g in range(K)], 0)
-            for h in range(heads):
-                cs = slice(h * d, (h + 1) * d)
-                logits = q[qk_b, f][:, cs] @ keys[:, cs].T * scale
-                p = torch.exp(logits - logits.max(-1, keepdim=True).values)
-                p = p / p.sum(-1, keepdim=True)
-                out[r, f][:, cs] = p @ vals[:, cs]
-    return out
-
-
-def use(name, **inputs):
-    reason = backends.explain("extended_attention", **inputs)[name]
-    if reason:
-        pytest.skip(f"{name}: {reason}")
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shared", [False, True], ids=["own_qk", "shared_qk"])
@@ -80,19 +42,18 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 def test_extended_attention_matches_naive(backend, dtype, shared, shape):
     R, K, S, heads, d = shape
     q, k, v = make(*shape, dtype, shared)
-    use(backend, q=q, k=k, v=v, heads=heads, shared_qk=shared)
+    use(backend, "extended_attention", q=q, k=k, v=v, heads=heads, shared_qk=shared)
     out = ops.extended_attention(q, k, v, heads, shared_qk=shared, backend=backend)
-    assert out.dtype == v.dtype and out.shape == v.shape and not out.isnan().any()
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.double().cpu(), naive(q, k, v, heads, shared), rtol=tol, atol=tol)
+    assert out.dtype == v.dtype
+    assert_close(out, naive(q, k, v, heads, shared), tolerance(backend, "extended_attention", dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_explicit_scale(backend):
     q, k, v = make(3, 2, 21, 2, 40, torch.float32, False, seed=1)
-    use(backend, q=q, k=k, v=v, heads=2, shared_qk=False)
+    use(backend, "extended_attention", q=q, k=k, v=v, heads=2, shared_qk=False)
     out = ops.extended_attention(q, k, v, 2, scale=0.37, backend=backend)
-    torch.testing.assert_close(out.double(), naive(q, k, v, 2, scale=0.37), rtol=1e-5, atol=1e-5)
+    assert_close(out, naive(q, k, v, 2, scale=0.37), tolerance(backend, "extended_attention", torch.float32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,7 +62,7 @@ def test_explicit_scale(backend):
 def test_shared_qk_equals_unshared_with_equal_qk(backend, dtype, d):
     R, K, S, heads = 3, 2, 29, 1
     q1, k1, v = make(R, K, S, heads, d, dtype, shared=True, seed=2)
-    use(backend, q=q1, k=k1, v=v, heads=heads, shared_qk=True)
+    use(backend, "extended_attention", q=q1, k=k1, v=v, heads=heads, shared_qk=True)
     shared = ops.extended_attention(q1, k1, v, heads, shared_qk=True, backend=backend)
     unshared = ops.extended_attention(q1.expand(R, -1, -1, -1).contiguous(), k1.expand(R, -1, -1, -1).contiguous(),
                                       v, heads, backend=backend)
@@ -120,8 +81,7 @@ def test_triton_launcher_writes_every_output(shared):
     q, k, v = make(4, 2, 37, 2, 40, torch.float32, shared, seed=3, device="cpu" if INTERPRET else "cuda")
     out = torch.full_like(v, float("nan"))
     kea.extended_attention(q, k, v, 2, shared_qk=shared, out=out)
-    assert not out.isnan().any()
-    torch.testing.assert_close(out.double().cpu(), naive(q, k, v, 2, shared), rtol=1e-5, atol=1e-5)
+    assert_close(out, naive(q, k, v, 2, shared), tolerance("triton", "extended_attention", torch.float32))
 
 
 @triton_only
@@ -164,7 +124,7 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
     explanation = torch._dynamo.explain(f)(q, k, v)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
-    torch.testing.assert_close(got.double(), naive(q * 0.5, k, v, 2, True).sum(0), rtol=1e-5, atol=1e-5)
+    assert_close(got, naive(q * 0.5, k, v, 2, True).sum(0), tolerance(backend, "extended_attention", torch.float32))
 
 
 # --- shipped GPU configs compile for sm_90 without a GPU -------------------------------------------------
@@ -216,11 +176,13 @@ def test_extended_attention_at_sd21_levels_on_gpu(backend, dtype, shared, S, C, 
     from tokenflow.ops import reference
     R, K = 3, 5
     q, k, v = make(R, K, S, heads, C // heads, dtype, shared, seed=5, device="cuda")
-    use(backend, q=q, k=k, v=v, heads=heads, shared_qk=shared)
+    use(backend, "extended_attention", q=q, k=k, v=v, heads=heads, shared_qk=shared)
     out = ops.extended_attention(q, k, v, heads, shared_qk=shared, backend=backend)
-    # the reference in float32 (SDPA math on upcast inputs) as ground truth at this size
+    # the reference in float32 (SDPA on upcast inputs) as ground truth at this size; PyTorch's own error in
+    # this dtype bounds the kernel's too (twice it passes, as flash-attention's tests accept)
     want = reference.extended_attention(q.float(), k.float(), v.float(), heads, shared_qk=shared)
-    torch.testing.assert_close(out.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    own = reference.extended_attention(q, k, v, heads, shared_qk=shared)
+    assert_close(out, want, tolerance(backend, "extended_attention", dtype), ref=own)
 
 
 def test_public_functions_compile_without_graph_breaks():

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import tokenflow.ops as ops
-from opcheck import SEARCH_TOL, assert_indices, blend, exact_features, unambiguous_features
+from opcheck import assert_close, assert_indices, blend, exact_features, tolerance, use
+from opcheck import attention_inputs
+from opcheck import propagate_inputs as make
 from sm90 import run_sm90
 from tokenflow.ops import backends, reference
 
@@ -31,32 +33,6 @@ SHAPES = [
 ]
 
 
-def make(F, K, S, C, J, R, dtype, seed=0, negative=False, none_rate=0.3, device="cpu", unambiguous=False):
-    """Random inputs; `unambiguous`: every nearest neighbour wins by a wide margin (opcheck.unambiguous_features)."""
-    g = torch.Generator().manual_seed(seed)
-    if unambiguous:
-        x, key_feats = unambiguous_features(F, K, S, C, g)
-    else:
-        x = torch.randn(F, S, C, generator=g)
-        key_feats = torch.randn(K, S, C, generator=g)
-    if negative:  # every cosine similarity is negative: a masked candidate scored 0 instead of -inf would win
-        x, key_feats = -x.abs(), key_feats.abs()
-    key_out = torch.randn(R, K, S, C, generator=g)
-    residual = torch.randn(R, F, S, C, generator=g)
-    which = torch.randint(0, K, (F, J), generator=g)
-    which[torch.rand(F, J, generator=g) < none_rate] = -1
-    weights = torch.rand(F, J, generator=g)
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(x), cast(key_feats), cast(key_out), which.to(device), weights.to(device), cast(residual)
-
-
-def use(name, op, **inputs):
-    """Skip unless backend `name` accepts these inputs."""
-    reason = backends.explain(op, **inputs)[name]
-    if reason:
-        pytest.skip(f"{name}: {reason}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"F{s[0]}K{s[1]}S{s[2]}C{s[3]}J{s[4]}R{s[5]}" for s in SHAPES])
@@ -65,7 +41,7 @@ def test_cosine_argmax_matches_reference(backend, dtype, shape, negative):
     x, key_feats, _, which, _, _ = make(*shape, dtype, negative=negative)
     use(backend, "cosine_argmax", x=x, key_feats=key_feats, which=which)
     got = ops.cosine_argmax(x, key_feats, which, backend=backend)
-    assert_indices(x, key_feats, which, got, SEARCH_TOL[dtype])
+    assert_indices(x, key_feats, which, got, tolerance(backend, "cosine_argmax", dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -81,9 +57,8 @@ def test_propagate_matches_reference(backend, dtype, shape, with_residual):
     assert out.dtype == key_out.dtype and out.shape == (shape[5], shape[0], shape[2], shape[3])
     assert not out.isnan().any()
     idx = ops.cosine_argmax(x, key_feats, which, backend=backend)
-    assert_indices(x, key_feats, which, idx, SEARCH_TOL[dtype])
-    tol = 1e-5 if dtype == torch.float32 else 4e-3  # fp32 accumulation, one rounding to the output dtype
-    torch.testing.assert_close(out.double().cpu(), blend(key_out, which, weights, residual, idx), rtol=tol, atol=tol)
+    assert_indices(x, key_feats, which, idx, tolerance(backend, "cosine_argmax", dtype))
+    assert_close(out, blend(key_out, which, weights, residual, idx), tolerance(backend, "propagate", dtype))
     if dtype == torch.float32:  # frames whose indices agree with the reference's give its output
         agree = (idx.cpu() == reference.cosine_argmax(x, key_feats, which).cpu()).all(dim=(1, 2))
         want = reference.propagate(x, key_feats, key_out, which, weights, residual)
@@ -109,8 +84,7 @@ def test_tokenflow_groups_and_self_propagation(backend, dtype):
     out = ops.propagate(x, key_feats, key_out, which, weights, None, backend=backend)
     torch.testing.assert_close(out[:, 1], key_out[:, 0])  # weight 1 on its own keyframe, nothing else
     out = ops.propagate(x, key_feats, key_out, which, weights, residual, backend=backend)
-    tol = 1e-5 if dtype == torch.float32 else 4e-3
-    torch.testing.assert_close(out.double().cpu(), blend(key_out, which, weights, residual, idx), rtol=tol, atol=tol)
+    assert_close(out, blend(key_out, which, weights, residual, idx), tolerance(backend, "propagate", dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,13 +146,13 @@ def test_triton_propagate_keeps_indices_in_registers():
 
 @triton_only
 def test_triton_backend_declares_what_it_runs():
-    from tokenflow.ops.backend_triton import INTERPRET, TritonBackend
+    from tokenflow.ops.backend_triton import INTERPRET
     b = backends.get("triton")
     x, key_feats, key_out, which, weights, _ = make(2, 1, 8, 32, 1, 1, torch.bfloat16)
     reason = b.why_not("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which, weights=weights,
                        residual=None)
     if INTERPRET:
-        assert TritonBackend.auto is False  # auto dispatch never chooses the interpreter
+        assert "TRITON_INTERPRET=1" in b.why_not_auto()  # auto dispatch never chooses the interpreter
         assert "bfloat16" in reason
         x32 = x.float()
         assert backends.choose("cosine_argmax", None, x=x32, key_feats=key_feats.float(), which=which).name != "triton"
@@ -283,33 +257,94 @@ def test_propagate_at_sd21_levels_on_gpu(backend, dtype, S, C):
     idx = ops.cosine_argmax(x, key_feats, which, backend=backend)
     want = reference.cosine_argmax(x, key_feats, which)
     sub = slice(0, 2)  # the float64 similarity check on two frames keeps the test fast
-    assert_indices(x[sub], key_feats, which[sub], idx[sub], SEARCH_TOL[dtype])
+    assert_indices(x[sub], key_feats, which[sub], idx[sub], tolerance(backend, "cosine_argmax", dtype))
     out = ops.propagate(x, key_feats, key_out, which, weights, residual, backend=backend)
     want_out = reference.propagate(x, key_feats, key_out, which, weights, residual)
     same = (idx == want).all(dim=1)  # tokens whose indices agree must agree in output
-    torch.testing.assert_close(out.float()[:, same], want_out.float()[:, same], rtol=2e-2, atol=2e-2)
+    assert_close(out[:, same], want_out[:, same], tolerance(backend, "propagate", dtype))
 
 
 def test_selfcheck_rejects_a_wrong_gpu_backend_and_accepts_the_reference():
-    """The first-use check `auto` runs on CUDA inputs, exercised here on the CPU with a planted bug."""
-    import torch
+    """The first-use check `auto` runs on CUDA inputs, exercised here on the CPU with planted bugs: wrong
+    everywhere, wrong only with the large tiles (S >= 512), wrong only with shared Q/K."""
+    from tokenflow.ops import selfcheck
+    from tokenflow.ops.backends import Backend
+    from tokenflow.ops.capabilities import OPS, Capabilities
 
-    from tokenflow.ops import reference, selfcheck
+    class Right(Backend):
+        name = "right"
+        caps = Capabilities(ops=OPS)
+        extended_attention = staticmethod(reference.extended_attention)
+        propagate = staticmethod(reference.propagate)
+        cosine_argmax = staticmethod(reference.cosine_argmax)
 
-    class Wrong:
+    class Wrong(Right):
         name = "wrong"
         extended_attention = staticmethod(lambda q, k, v, heads, shared_qk=False, scale=None: v.clone())
         propagate = staticmethod(lambda *a, **kw: reference.propagate(*a, **kw) * 1.5)
         cosine_argmax = staticmethod(lambda x, kf, w: reference.cosine_argmax(x, kf, w).flip(-1))
 
-    class Right:
-        name = "right"
-        extended_attention = staticmethod(reference.extended_attention)
-        propagate = staticmethod(reference.propagate)
-        cosine_argmax = staticmethod(reference.cosine_argmax)
+    class WrongLargeTiles(Right):  # a bug only in the S >= 512 configuration
+        name = "wrong_large"
 
-    cpu = torch.device("cpu")
-    for op in ("extended_attention", "propagate", "cosine_argmax"):
-        assert selfcheck._check(Wrong, op, cpu, torch.float32) is not None
-        assert selfcheck._check(Right, op, cpu, torch.float32) is None
-    assert selfcheck.verified(Wrong, "propagate", {"x": torch.zeros(1)})  # CPU inputs are not checked (CI tests them)
+        @staticmethod
+        def propagate(x, *a, **kw):
+            return reference.propagate(x, *a, **kw) + (1e-2 if x.shape[1] >= selfcheck.LARGE_S else 0)
+
+        @staticmethod
+        def cosine_argmax(x, kf, w):
+            idx = reference.cosine_argmax(x, kf, w)
+            return (idx + 1) % x.shape[1] if x.shape[1] >= selfcheck.LARGE_S else idx
+
+    class WrongShared(Right):  # a bug only in the shared-probability kernel (Q/K injection)
+        name = "wrong_shared"
+
+        @staticmethod
+        def extended_attention(q, k, v, heads, shared_qk=False, scale=None):
+            out = reference.extended_attention(q, k, v, heads, shared_qk=shared_qk, scale=scale)
+            return out.flip(0) if shared_qk else out
+
+    def search(S, op):
+        x, key_feats, key_out, which, weights, residual = make(2, 2, S, 32, 2, 3, torch.float32)
+        inputs = dict(x=x, key_feats=key_feats, which=which)
+        return inputs if op == "cosine_argmax" else dict(inputs, key_out=key_out, weights=weights, residual=residual)
+
+    def attention(shared):
+        q, k, v = attention_inputs(3, 2, 20, 2, 40, torch.float32, shared)
+        return dict(q=q, k=k, v=v, heads=2, shared_qk=shared)
+
+    for op in ("propagate", "cosine_argmax"):
+        for S in (100, 1030):
+            assert selfcheck.check(Wrong(), op, search(S, op)) is not None
+            assert selfcheck.check(Right(), op, search(S, op)) is None
+        assert selfcheck.check(WrongLargeTiles(), op, search(100, op)) is None
+        assert selfcheck.check(WrongLargeTiles(), op, search(1030, op)) is not None
+    for shared in (False, True):
+        assert selfcheck.check(Wrong(), "extended_attention", attention(shared)) is not None
+        assert selfcheck.check(Right(), "extended_attention", attention(shared)) is None
+    assert selfcheck.check(WrongShared(), "extended_attention", attention(False)) is None
+    assert selfcheck.check(WrongShared(), "extended_attention", attention(True)) is not None
+    assert selfcheck.verified(Wrong(), "propagate", search(100, "propagate"))  # CPU inputs: the tests check them
+
+
+def test_selfcheck_sizes_keep_the_kernel_configuration():
+    """The check runs a small S of the call's configuration: the same size class (large tiles from
+    S = 512 on, as kernels/propagate.py picks them) and the same S % 16 (Triton's divisibility
+    specialisation); one check covers every S of a class."""
+    from tokenflow.ops import selfcheck
+
+    for S in (1, 63, 64, 65, 100, 511, 512, 1024, 4096, 4100):
+        small = selfcheck.small_like(S, selfcheck.LARGE_S)
+        assert small <= max(S, selfcheck.LARGE_S + 15) and small % 16 == S % 16
+        assert (small >= selfcheck.LARGE_S) == (S >= selfcheck.LARGE_S)
+    key = lambda S: selfcheck.check_shape("cosine_argmax", dict(  # noqa: E731
+        x=torch.zeros(2, S, 32), key_feats=torch.zeros(2, S, 32), which=torch.zeros(2, 2, dtype=torch.long)))
+    assert key(1024) == key(4096) != key(4100) and key(256) != key(1024)
+    if "triton" in BACKENDS:
+        from tokenflow.kernels import propagate as kprop
+        configs = []
+        for S in (selfcheck.LARGE_S - 1, selfcheck.LARGE_S):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(kprop, "INTERPRET", False)  # the GPU choice, asked without a GPU
+                configs.append(kprop.pick_config(S, torch.float16))
+        assert configs == [kprop.GPU_CONFIGS["small"], kprop.GPU_CONFIGS["large"]]

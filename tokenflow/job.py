@@ -16,6 +16,7 @@ from tokenflow.depth import depth_maps
 from tokenflow.editing import EditLoop
 from tokenflow.errors import TokenFlowError
 from tokenflow.keyframes import make_groups
+from tokenflow.ops.backends import BackendError, resolve_forced
 from tokenflow.planner import MemoryPlan, plan_memory
 from tokenflow.schedule import Schedule
 
@@ -28,7 +29,7 @@ class EditJob:
     schedule: Schedule
     memory: MemoryPlan  # as planned; EditResult.memory_plan is what ran
     depth: torch.Tensor | None  # [N, 1, h, w] in [-1, 1] for depth models, host float32
-    backends: dict[str, str]  # op -> backend forced by cfg.backend (absent: auto)
+    backends: dict[str, str | None]  # op -> backend forced by cfg.backend (None: auto)
     # Frames per VAE call, shared by the encode and the decode: an OOM halving in one carries to the other.
     vae: Batches = field(init=False)
 
@@ -70,7 +71,11 @@ def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor |
     schedule = Schedule.build(models.scheduler_config, n_inversion_steps=cfg.n_inversion_steps,
                               n_timesteps=cfg.n_timesteps, mode=cfg.mode, start=cfg.start,
                               pnp_attn_t=cfg.pnp_attn_t, pnp_f_t=cfg.pnp_f_t)
-    backends = forced_backends(cfg.backend, models.device, models.dtype)
+    try:  # from the backends' declared capabilities: no tensor is made
+        backends = resolve_forced(cfg.backend, models.device, models.dtype)
+    except BackendError as e:
+        e.key = "backend"
+        raise
     if cfg.mode == "depth" and not models.is_depth:
         raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
                              f"sd2-community/stable-diffusion-2-depth); {models.name} is not one", key="mode")
@@ -80,35 +85,3 @@ def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor |
     maps = depth_maps(models, frames, depth, memory.vae_frames_per_call) if models.is_depth else None
     return EditJob(cfg, frames, groups, schedule, memory, maps, backends)
 
-
-def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """op -> backend for `backend: NAME`: NAME for the operations it implements, auto for the others
-    (e.g. the C++ `cpu` backend only propagates). Checked up front on a probe of the model's device and dtype."""
-    from tokenflow.ops import backends
-
-    if name == "auto":
-        return {}
-    reason = backends.why_unavailable(name)
-    if reason:
-        raise TokenFlowError(f"backend {name!r}: {reason}; use auto", key="backend")
-    b = backends.get(name)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device, dtype)
-    probe = dict(x=rand(1, 8, 64), key_feats=rand(1, 8, 64), key_out=rand(3, 1, 8, 64),
-                 which=torch.zeros(1, 2, dtype=torch.long, device=device), weights=torch.rand(1, 2, generator=g).to(device),
-                 residual=None)
-    probes = {"propagate": probe,
-              "extended_attention": dict(q=rand(3, 1, 8, 64), k=rand(3, 1, 8, 64), v=rand(3, 1, 8, 64), heads=1,
-                                         shared_qk=False)}
-    out = {}
-    for op, inputs in probes.items():
-        if op in b.ops:
-            reason = b.why_not(op, **inputs)
-            if reason:
-                raise TokenFlowError(f"backend {name!r} cannot run {op} here: {reason}; use auto", key="backend")
-            out[op] = name
-    if not out:
-        raise TokenFlowError(f"backend {name!r} implements neither operation the editor runs; use auto", key="backend")
-    return out

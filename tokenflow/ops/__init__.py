@@ -1,23 +1,51 @@
 """The two hot operations of TokenFlow, on plain tensors, behind one dispatch layer.
 
-Symbols (spec `method.md`): K keyframes, S tokens per frame, C = heads * d channels, F frames to fill,
-R branches (3 in the editor: source, uncond, cond), J candidate keyframes per frame (2 in TokenFlow:
-the frame's own group keyframe and the previous group's).
+Symbols: K keyframes, S tokens per frame, C = heads * d channels, F frames to fill, R branches (3 in the
+editor: source, uncond, cond), J candidate keyframes per frame (2 in TokenFlow: the frame's own group
+keyframe and the previous group's).
 
 Backends: `torch` (the reference), `triton`, `cuda`, `cpu` (the C++ extension) and `faiss` (search
-only). `backend=None` uses `set_backend(...)`, else the environment variable TOKENFLOW_BACKEND, else
-`auto`, which takes the first backend in priority order that accepts the inputs
-(`tokenflow.ops.backends.explain(op, **inputs)` says why each one would or would not).
-Every input is validated here, before any backend runs, with the offending shapes named.
+only), each declaring what it runs (`tokenflow.ops.capabilities`). `backend=None` uses
+`use_backend(...)` in a block, else `set_backend(...)`, else the environment variable TOKENFLOW_BACKEND
+(each for the operations that backend implements), else `auto`, the first backend in priority order
+that may and can run the inputs (`explain(op, **inputs)` says why each one would or would not).
+
+Inputs are validated here, once per call, with the offending shapes named, before any backend runs;
+backends do not check again. The one check that reads tensor values (`which` in [-1, K - 1]) would
+cost a device sync per call on a GPU, so it runs on CPU tensors always and on others only with
+`set_checks(True)` or TOKENFLOW_OPS_CHECKS=1 (out-of-range indices on a GPU are undefined behaviour
+otherwise).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from tokenflow.ops import backends
-from tokenflow.ops.backends import available, explain, set_backend
+from tokenflow.ops.backends import BackendError, available, explain, set_backend, use_backend
 
-__all__ = ["extended_attention", "propagate", "cosine_argmax", "set_backend", "available", "explain"]
+__all__ = ["extended_attention", "propagate", "cosine_argmax", "set_backend", "use_backend", "available",
+           "explain", "set_checks", "BackendError"]
+
+CHECKS_ENV = "TOKENFLOW_OPS_CHECKS"
+_checks: bool | None = None
+
+
+def set_checks(enabled: bool | None) -> None:
+    """Check `which`'s values on every device (a device sync per call): True, False, or None to follow
+    the environment variable TOKENFLOW_OPS_CHECKS (on when it is 1)."""
+    global _checks
+    _checks = enabled
+
+
+def reads_values(device: torch.device) -> bool:
+    """Whether validation reads tensor values on `device`: on the host always (no sync), on an
+    accelerator only when checks are on (`set_checks`, TOKENFLOW_OPS_CHECKS=1), never on meta (no values)."""
+    if device.type in ("cpu", "meta"):
+        return device.type == "cpu"
+    return _checks if _checks is not None else os.environ.get(CHECKS_ENV, "0") == "1"
+
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,7 +100,7 @@ def check_cosine_argmax(x, key_feats, which):
         _fail(op, f"x is {x.dtype} but key_feats is {key_feats.dtype}")
     if which.dtype not in (torch.int32, torch.int64) or which.dim() != 2 or which.shape[0] != x.shape[0]:
         _fail(op, f"which must be an integer [F, J] tensor with F = {x.shape[0]}; got {which.dtype} {tuple(which.shape)}")
-    if which.numel() and which.device.type != "meta":  # meta tensors hold no values to check
+    if which.numel() and reads_values(which.device):
         lo, hi = int(which.min()), int(which.max())
         if lo < -1 or hi >= key_feats.shape[0]:
             _fail(op, f"which holds keyframe indices in [{lo}, {hi}], outside [-1, {key_feats.shape[0] - 1}]")

@@ -6,9 +6,14 @@ running argmax (never the [F*S, S] similarity matrix), accumulated in float32 li
 features on CPUs with AVX512-BF16 multiply in bf16 with vdpbf16ps: the products are exact in float32, about
 2x faster). float32 and float16 features on those CPUs are searched in bf16 first, then every candidate the
 bf16 rounding error cannot rule out is rescored in float32: the indices are the float32 search's, bit for
-bit, about 1.7x faster (TOKENFLOW_CPU_PRESEARCH=0 turns this off). The gather-blend accumulates in float32. The glue here validates, makes inputs contiguous (a copy, only
-when they are not), allocates the outputs and hands raw pointers to the kernel.
-Import fails (and the registry says why) when the extension was not built.
+bit, about 1.7x faster (TOKENFLOW_CPU_PRESEARCH=0 turns this off). The gather-blend accumulates in
+float32. The glue here makes inputs contiguous (a copy, only when they are not), allocates the outputs
+and hands raw pointers to the kernel. Without the built extension the backend is unavailable and says why.
+
+`auto` picks it only with the AVX512-BF16 kernel variant (`AUTO_ISAS`): the AVX2 variant measured 0.63-0.73x
+torch's speed (0.86-1.04x against a torch capped to AVX2), AVX-512 without BF16 0.81-1.08x, while with
+AVX512-BF16 it measured 1.8-2.6x on an AMD EPYC (bench/results/propagate_cpu_isa*.json,
+bench/results/propagate_cpu.json; docs/backend.md section 3 has the table). By name it runs with any variant.
 """
 from __future__ import annotations
 
@@ -17,13 +22,15 @@ import os
 import torch
 
 from tokenflow.ops.backends import Backend, register
+from tokenflow.ops.capabilities import Capabilities
 
 try:
     from tokenflow import _C
-except ImportError as e:  # the registry records this message as the reason the backend is unavailable
-    raise ImportError(
-        f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
-        "`pip install -v -e .` to see why (docs/build.md)") from e
+    MISSING = None
+except ImportError as e:  # the registry reports this as the reason the backend is unavailable
+    _C = None
+    MISSING = (f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
+               "`pip install -v -e .` to see why (docs/build.md)")
 
 # Element type codes of csrc/propagate.h (enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -40,29 +47,22 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+# The CPU kernel variants (tokenflow._C.build_info()["cpu_isa"]) with which `auto` picks this backend.
+AUTO_ISAS = ("avx512bf16",)
+
+
 class CpuBackend(Backend):
     name = "cpu"
-    ops = ("propagate", "cosine_argmax")
+    caps = Capabilities(
+        ops=("propagate", "cosine_argmax"), devices=("cpu",),
+        max_tokens=2**31 - 1,  # candidate indices are int32 inside the kernel
+        auto_cpu_isas=AUTO_ISAS,
+        auto_note="it measured slower than the torch backend there (docs/backend.md); ask for it by name")
 
-    def why_not(self, op, **inputs):
-        if op not in self.ops:
-            return f"does not implement {op}"
-        for name, t in inputs.items():
-            if isinstance(t, torch.Tensor):
-                if t.device.type != "cpu":
-                    return f"{name} is on {t.device}; the cpu backend takes CPU tensors"
-                if name in ("which",):
-                    continue
-                if t.dtype not in DTYPE_CODES:
-                    return f"{name} has dtype {t.dtype}; the cpu backend takes float32, float16 or bfloat16"
-        x = inputs.get("x")
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] >= 2**31:
-            return f"S = {x.shape[1]} tokens is beyond the kernel's int32 candidate index"
-        return None
-
+    def unavailable(self):
+        return MISSING or super().unavailable()
 
     def cosine_argmax(self, x, key_feats, which):
-        self._require("cosine_argmax", x=x, key_feats=key_feats, which=which)
         F_, S, C = x.shape
         x, key_feats = _dense(x), _dense(key_feats)
         which64 = _dense(which.to(torch.int64))
@@ -74,8 +74,6 @@ class CpuBackend(Backend):
         return idx
 
     def propagate(self, x, key_feats, key_out, which, weights, residual=None):
-        self._require("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which, weights=weights,
-                      residual=residual)
         R, K = key_out.shape[:2]
         F_, S, C = x.shape
         x, key_feats, key_out = _dense(x), _dense(key_feats), _dense(key_out)

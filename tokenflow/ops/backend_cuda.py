@@ -5,27 +5,28 @@ bfloat16 (the MMA inputs), with C a multiple of 8; key_out may be float32, float
 residual is cast to key_out's dtype. Launched on PyTorch's current stream of the inputs' device, with its
 scratch (K * S inverse norms) from PyTorch's caching allocator. Inputs are made contiguous (a copy only
 when they are not) and 16-byte aligned (a copy only when a view starts mid-allocation).
-Import fails (and the registry says why) when the extension is missing or was built without CUDA.
+Unavailable (and the registry says why) when the extension is missing or was built without CUDA, when
+PyTorch sees no CUDA device, or when the device cannot run the kernels (`_C.cuda_runtime_status()`).
 """
 from __future__ import annotations
 
 import torch
 
 from tokenflow.ops.backends import Backend, register
+from tokenflow.ops.capabilities import Capabilities
 
 try:
     from tokenflow import _C
 except ImportError as e:
-    raise ImportError(
-        f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
-        "`pip install -v -e .` to see why (docs/build.md)") from e
-if not _C.has_cuda():
-    raise ImportError("tokenflow._C was built without its CUDA kernels: "
-                      f"{_C.build_info()['cuda_absent_reason']} (docs/build.md: TOKENFLOW_CUDA)")
+    _C = None
+    MISSING = (f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
+               "`pip install -v -e .` to see why (docs/build.md)")
+else:
+    MISSING = None if _C.has_cuda() else (
+        f"tokenflow._C was built without its CUDA kernels: {_C.build_info()['cuda_absent_reason']} "
+        "(docs/build.md: TOKENFLOW_CUDA)")
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FEATURE_DTYPES = (torch.float16, torch.bfloat16)
-MAX_J = 64  # csrc/propagate_cuda.cu: MAX_J
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -35,48 +36,16 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 class CudaBackend(Backend):
     name = "cuda"
-    ops = ("propagate", "cosine_argmax")
+    # The limits csrc/propagate_cuda.cu checks at its boundary: MAX_J, the grid's y dimension, 16-byte loads.
+    caps = Capabilities(
+        ops=("propagate", "cosine_argmax"), devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16), dtype_note="the tensor-core search's inputs",
+        min_sm={torch.float16: (8, 0), torch.bfloat16: (8, 0)},
+        channel_multiple=8, max_keyframes_per_frame=64, max_frames=65535, max_tokens=2**31 - 1)
 
-    def __init__(self):
-        self._runtime_reason: str | None = None
-        self._runtime_checked = False
-
-    def _runtime(self) -> str | None:
-        # Asked once: whether this process has a device the kernels can run on (driver, sm_80+).
-        if not self._runtime_checked:
-            self._runtime_checked = True
-            if not torch.cuda.is_available():
-                self._runtime_reason = "PyTorch sees no CUDA device"
-            else:
-                self._runtime_reason = _C.cuda_runtime_status() or None
-        return self._runtime_reason
-
-    def why_not(self, op, **inputs):
-        if op not in self.ops:
-            return f"does not implement {op}"
-        for name, t in inputs.items():
-            if isinstance(t, torch.Tensor) and t.device.type != "cuda":
-                return f"{name} is on {t.device}; the cuda backend takes CUDA tensors"
-        reason = self._runtime()
-        if reason:
-            return reason
-        x = inputs.get("x")
-        if isinstance(x, torch.Tensor):
-            if x.dtype not in FEATURE_DTYPES:
-                return f"x has dtype {x.dtype}; the cuda backend's tensor-core search takes float16 or bfloat16"
-            if x.dim() == 3 and x.shape[2] % 8:
-                return f"C = {x.shape[2]} is not a multiple of 8 (16-byte loads)"
-            if x.dim() == 3 and x.shape[0] > 65535:
-                return f"F = {x.shape[0]} frames exceed one launch's grid (65535)"
-        for name in ("key_out", "residual", "weights"):
-            t = inputs.get(name)
-            if isinstance(t, torch.Tensor) and t.dtype not in DTYPE_CODES:
-                return f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16"
-        which = inputs.get("which")
-        if isinstance(which, torch.Tensor) and which.dim() == 2 and which.shape[1] > MAX_J:
-            return f"J = {which.shape[1]} keyframes per frame exceed the kernel's {MAX_J}"
-        return None
-
+    def unavailable(self):
+        # The runtime status asks the driver: only once PyTorch has seen a device.
+        return MISSING or super().unavailable() or _C.cuda_runtime_status() or None
 
     def _run(self, x, key_feats, which, key_out=None, weights=None, residual=None, want_idx=False):
         F_, S, C = x.shape
@@ -109,12 +78,9 @@ class CudaBackend(Backend):
         return idx if want_idx else out
 
     def cosine_argmax(self, x, key_feats, which):
-        self._require("cosine_argmax", x=x, key_feats=key_feats, which=which)
         return self._run(x, key_feats, which, want_idx=True)
 
     def propagate(self, x, key_feats, key_out, which, weights, residual=None):
-        self._require("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which, weights=weights,
-                      residual=residual)
         return self._run(x, key_feats, which, key_out=key_out, weights=weights, residual=residual)
 
 

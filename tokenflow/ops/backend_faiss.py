@@ -3,22 +3,34 @@ L2-normalised keyframe tokens), then the reference's gather and blend. Search on
 
 faiss-cpu searches float32 numpy arrays, so CUDA and half-precision inputs are copied to the host and
 upcast. It is a baseline for the fused kernels and a drop-in for codebases that already use faiss:
-`auto` never picks it (ask for it by name). Exact ties may resolve to either index.
+`auto` never picks it (ask for it by name). Exact ties may resolve to either index. Unavailable (and the
+registry says why) when faiss is not installed.
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 
 from tokenflow.ops import reference
 from tokenflow.ops.backends import Backend, register
+from tokenflow.ops.capabilities import Capabilities
+
+try:
+    import faiss
+    MISSING = None
+except ImportError as e:
+    faiss = None
+    MISSING = f"faiss does not import ({e}); install faiss-cpu (`pip install -e '.[faiss]'`)"
 
 
 class FaissBackend(Backend):
     name = "faiss"
-    ops = ("propagate", "cosine_argmax")
-    auto = False  # the fused kernels and the reference are both faster than a host round trip
+    caps = Capabilities(
+        ops=("propagate", "cosine_argmax"), devices=("cpu", "cuda"),
+        auto=False, auto_note="a baseline: the fused kernels and the reference are faster than its host round trip")
+
+    def unavailable(self):
+        return MISSING or super().unavailable()
 
     def cosine_argmax(self, x, key_feats, which):
         F_, S, C = x.shape

@@ -1,70 +1,68 @@
 """The `triton` backend: the kernels of `tokenflow.kernels` (kernels/propagate.py, kernels/extended_attention.py).
 
-Runs all three operations on CUDA tensors in float32, float16 or bfloat16 (float32 search uses exact
-ieee products on CUDA cores; float16/bfloat16 use tensor cores), extended attention for head dims up to
-256 (40, 64, 80, 160 and 64 are the SD family's). Under TRITON_INTERPRET=1 the same kernels run on CPU
-tensors in Triton's interpreter so the tests exercise them; that is ~0.2 GFLOP/s, so the backend then
-takes no part in `auto` dispatch (ask for it by name) and refuses bfloat16 (the interpreter's bf16
-`tl.dot` is silently wrong).
-Import fails (and the registry says why) when triton is not installed.
+Runs all three operations on CUDA tensors in float32, float16 or bfloat16 (bfloat16 needs sm_80+; float32
+search uses exact ieee products on CUDA cores, float16/bfloat16 tensor cores), extended attention for
+head dims up to 256 (40, 64, 80, 160 are the SD family's). Under TRITON_INTERPRET=1 the same kernels run
+on CPU tensors in Triton's interpreter so the tests exercise them; that is ~0.2 GFLOP/s, so the backend
+then declares `INTERPRETED`: never picked by `auto` (ask for it by name), no bfloat16 (the interpreter's
+bf16 `tl.dot` is silently wrong). Unavailable (and the registry says why) when triton does not import,
+or when PyTorch sees no CUDA device and TRITON_INTERPRET is not set.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from contextlib import nullcontext as _nullcontext
 
 import torch
 
-from tokenflow.kernels import extended_attention as _ea
-from tokenflow.kernels import propagate as _prop
 from tokenflow.ops.backends import Backend, register
+from tokenflow.ops.capabilities import Capabilities
 
-INTERPRET = _prop.INTERPRET
+# As kernels/propagate.py reads it (when the kernels are defined), known here without importing triton.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 256  # kernels/extended_attention.py MAX_HEAD_DIM, declared without importing triton
+
+try:
+    from tokenflow.kernels import extended_attention as _ea
+    from tokenflow.kernels import propagate as _prop
+    MISSING = None
+except ImportError as e:
+    _ea = _prop = None
+    MISSING = f"the Triton kernels do not import ({e}); install triton (`pip install -e '.[triton]'`)"
+
+ON_GPU = Capabilities(
+    ops=("extended_attention", "propagate", "cosine_argmax"), devices=("cuda",),
+    min_sm={torch.bfloat16: (8, 0)}, max_head_dim=MAX_HEAD_DIM, device_note="TRITON_INTERPRET is not set")
+INTERPRETED = dataclasses.replace(
+    ON_GPU, devices=("cpu",), dtypes=(torch.float32, torch.float16), min_sm={},
+    device_note="with TRITON_INTERPRET=1 the kernels run on CPU tensors only",
+    dtype_note="the Triton interpreter's bf16 tl.dot gives wrong results",
+    auto=False, auto_note="TRITON_INTERPRET=1: the interpreter is for tests; ask for it by name")
 
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = ("extended_attention", "propagate", "cosine_argmax")
-    auto = not INTERPRET  # never let `auto` route real work to the interpreter
+    caps = ON_GPU
 
-    def why_not(self, op, **inputs):
-        if op not in self.ops:
-            return f"does not implement {op}"
-        tensors = {n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)}
-        for name, t in tensors.items():
-            if INTERPRET:
-                if t.device.type != "cpu":
-                    return f"{name} is on {t.device}; with TRITON_INTERPRET=1 the kernels run on CPU tensors only"
-            elif t.device.type != "cuda":
-                return f"{name} is on {t.device} and TRITON_INTERPRET is not set; the triton backend takes CUDA tensors"
-            if name != "which" and t.dtype == torch.bfloat16 and INTERPRET:
-                return f"{name} is bfloat16: the Triton interpreter's bf16 tl.dot gives wrong results"
-        if not INTERPRET and tensors:
-            dev = next(iter(tensors.values())).device
-            major, minor = torch.cuda.get_device_capability(dev)
-            if major < 8 and any(t.dtype == torch.bfloat16 for t in tensors.values()):
-                return f"bfloat16 needs sm_80 or newer; {dev} is sm_{major}{minor}"
-        if op == "extended_attention":
-            v, heads = inputs.get("v"), inputs.get("heads")
-            if isinstance(v, torch.Tensor) and v.dim() == 4 and heads:
-                d = v.shape[3] // heads
-                if d > _ea.MAX_HEAD_DIM:
-                    return f"head dim {d} (C = {v.shape[3]}, heads = {heads}) exceeds the kernel's {_ea.MAX_HEAD_DIM}"
-        return None
+    def capabilities(self):
+        return INTERPRETED if INTERPRET else ON_GPU
 
+    def declarations(self):
+        return [("`triton`", ON_GPU), ("`triton` (TRITON_INTERPRET=1)", INTERPRETED)]
+
+    def unavailable(self):
+        return MISSING or super().unavailable()
 
     def extended_attention(self, q, k, v, heads, *, shared_qk=False, scale=None):
-        self._require("extended_attention", q=q, k=k, v=v, heads=heads, shared_qk=shared_qk)
         with torch.cuda.device(v.device) if v.is_cuda else _nullcontext():
             return _ea.extended_attention(q, k, v, heads, shared_qk=shared_qk, scale=scale)
 
     def cosine_argmax(self, x, key_feats, which):
-        self._require("cosine_argmax", x=x, key_feats=key_feats, which=which)
         with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
             return _prop.cosine_argmax(x, key_feats, which)
 
     def propagate(self, x, key_feats, key_out, which, weights, residual=None):
-        self._require("propagate", x=x, key_feats=key_feats, key_out=key_out, which=which, weights=weights,
-                      residual=residual)
         with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
             # return_idx=False: the indices stay in registers, nothing is allocated besides the output
             return _prop.propagate(x, key_feats, which, key_out, weights, residual, return_idx=False)[0]

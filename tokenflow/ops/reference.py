@@ -3,7 +3,7 @@
 These are the ground truth every fast backend is tested against, and the `torch` backend the engine
 falls back to. They never materialise repeated K/V copies, and the nearest-neighbour search works in
 row blocks so its memory stays bounded (at most `block_rows` x S similarities at a time).
-Shapes use the spec's symbols; see `tokenflow.ops` for the full contract.
+Shapes use the symbols of `tokenflow.ops` (K, S, C, F, R, J); see it for the full contract.
 """
 from __future__ import annotations
 
