@@ -206,8 +206,8 @@ def by_isa(args, argv) -> int:
     tmp_out.write_text(json.dumps(report, indent=2) + "\n")
     tmp_out.replace(out)
     for r in ratios:
-        print(f"{r['isa']:>10} (torch {r['torch_cpu_capability']}) {r['dtype']:>8} {r['inputs']:>10}: cpu {r['cpu_min_s'] * 1e3:.1f} ms, "
-              f"torch {r['torch_min_s'] * 1e3:.1f} ms, torch/cpu {r['cpu_vs_torch']}")
+        print(f"{r['isa']:>10} (torch {r['torch_cpu_capability']}) {r['dtype']:>8} {r['inputs']:>10}: "
+              f"cpu {r['cpu_min_s'] * 1e3:.1f} ms, torch {r['torch_min_s'] * 1e3:.1f} ms, torch/cpu {r['cpu_vs_torch']}")
     print(f"wrote {out}")
     return 0
 

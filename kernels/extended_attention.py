@@ -115,7 +115,8 @@ def _ext_attn_kernel(
         else:
             qk = tl.dot(q0, kt0)
         if SPLIT:
-            kt1 = tl.trans(tl.load(k_base + cols[:, None] * C + offs_d1[None, :], mask=col_ok[:, None] & d1_ok[None, :], other=0.0))
+            kt1 = tl.trans(tl.load(k_base + cols[:, None] * C + offs_d1[None, :],
+                    mask=col_ok[:, None] & d1_ok[None, :], other=0.0))
             if IS_FP32:
                 qk = tl.dot(q1, kt1, qk, input_precision="ieee")
             else:
@@ -160,13 +161,16 @@ def _ext_attn_kernel(
     oa = o_ptr + (va.to(tl.int64) * K + kf) * S * C + h * D + o_rows
     tl.store(oa + offs_d0[None, :], (acc_a0 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d0_ok[None, :])
     if SPLIT:
-        tl.store(oa + offs_d1[None, :], (acc_a1 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d1_ok[None, :])
+        tl.store(oa + offs_d1[None, :], (acc_a1 * inv_l[:, None]).to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d1_ok[None, :])
     if TWO_V:
         ob = o_ptr + (vb.to(tl.int64) * K + kf) * S * C + h * D + o_rows
         ob_ok = rows < vb_rows
-        tl.store(ob + offs_d0[None, :], (acc_b0 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=ob_ok[:, None] & d0_ok[None, :])
+        tl.store(ob + offs_d0[None, :], (acc_b0 * inv_l[:, None]).to(o_ptr.dtype.element_ty),
+            mask=ob_ok[:, None] & d0_ok[None, :])
         if SPLIT:
-            tl.store(ob + offs_d1[None, :], (acc_b1 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=ob_ok[:, None] & d1_ok[None, :])
+            tl.store(ob + offs_d1[None, :], (acc_b1 * inv_l[:, None]).to(o_ptr.dtype.element_ty),
+                mask=ob_ok[:, None] & d1_ok[None, :])
 
 
 def block_d(d: int) -> int:
