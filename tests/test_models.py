@@ -68,8 +68,9 @@ def test_single_file_offline_needs_a_config_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"\0" * 16)
-    with pytest.raises(TokenFlowError, match="--model-config"):
+    with pytest.raises(TokenFlowError, match="needs model_config offline") as e:
         load_models(str(ckpt), **CPU)
+    assert e.value.key == "model_config"  # the CLI names the flag, --model-config
     with pytest.raises(TokenFlowError, match="not a diffusers folder"):
         load_models(str(ckpt), model_config=str(tmp_path), **CPU)
 
