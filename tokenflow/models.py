@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ def scheduler_config(name: str, model_config: str | None = None) -> dict | None:
     else:
         return None
     try:
-        return dict(DDIMScheduler.load_config(where, subfolder="scheduler", local_files_only=True))
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
+            warnings.simplefilter("ignore")
+            return dict(DDIMScheduler.load_config(where, subfolder="scheduler", local_files_only=True))
     except (OSError, ValueError):  # a hub id not in the cache
         if name in SD_SCHEDULER_IDS:
             from tokenflow.tiny import sd_scheduler_config
