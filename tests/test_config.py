@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tokenflow.config import DEFAULT_MODEL, SD_VERSIONS, EditConfig
@@ -73,4 +75,4 @@ def test_validate_checks_types_of_a_config_built_directly():
     with pytest.raises(TokenFlowError, match="n_frames is 'ten'") as e:
         EditConfig(n_frames="ten").validate()
     assert e.value.key == "n_frames"
-    EditConfig(guidance_scale=7, max_gpu_mem=20).validate()  # an int where a float goes is fine
+    EditConfig(guidance_scale=7, max_gpu_mem=20, cache_dir=Path("cache")).validate()  # an int for a float, a Path

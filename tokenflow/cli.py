@@ -520,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = split_command(argv)
     args = build_parser(command).parse_args(rest)
     _setup_logging(args)
-    old_term = signal.signal(signal.SIGTERM, _terminate)
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return run(command, args)
     except TokenFlowError as e:
@@ -540,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                   "a smaller size", 1)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import typing
 from dataclasses import dataclass, fields
 
@@ -200,6 +201,8 @@ def coerce(key: str, value, hint, *, strict: bool = False):
     elif base is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # paths (model, depth, cache_dir) given as Path objects
+            return value if strict else os.fspath(value)
         if not strict and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     else:
