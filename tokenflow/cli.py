@@ -453,7 +453,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     try:
         write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args.crf, timings, quiet, metrics)
     except OSError as e:  # a full disk or a folder made read-only meanwhile: the edit itself is not lost
-        e.tokenflow_where = f"the outputs in {outputs.video.parent}"  # not the hidden temporary name
+        e.tokenflow_where = f"the outputs in {outputs.video.parent.resolve()}"  # not the hidden temporary name
         e.tokenflow_note = ("the finished edit is kept in the latent store: the same command run again only "
                             "decodes and writes it" if res.checkpoint is not None else "")
         raise
