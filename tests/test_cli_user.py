@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -23,7 +22,8 @@ import pytest
 import torch
 import yaml
 
-from tokenflow import cli
+from tokenflow import cli, threads
+from tokenflow.errors import TokenFlowError
 from tokenflow.video import probe, read_frames
 
 SCRIPT = Path(sys.executable).with_name("tokenflow-edit")
@@ -269,8 +269,8 @@ def test_full_disk_at_the_write_stage(work, capfd, monkeypatch):
     monkeypatch.setattr(video, "save_png_frames", full)
     r = main(capfd, "data/wolf.mp4", "--prompt", "x", *TINY, "--frames", "4", "-o", "out.mp4", "--png", "-q")
     assert r.code == 1 and len(r.errors()) == 1 and "Traceback" not in r.err
-    assert r.errors()[0] == (f"tokenflow-edit: error: cannot write the outputs in {work.resolve()} (No space left on device); free "
-                             f"some space there, or write elsewhere (-o for the outputs, --cache-dir or "
+    assert r.errors()[0] == (f"tokenflow-edit: error: cannot write the outputs in {work.resolve()} (No space left on "
+                             f"device); free some space there, or write elsewhere (-o for the outputs, --cache-dir or "
                              f"TOKENFLOW_CACHE for the latent store); the finished edit is kept in the latent store: "
                              f"the same command run again only decodes and writes it")
     assert [p.name for p in work.iterdir() if p.name not in ("cache", "data")] == []  # hidden names too
@@ -371,30 +371,30 @@ def test_counts_are_singular_when_one(work, capfd):
     (16, 10.6, 16, 5),
 ])
 def test_default_threads(cores, load, most, want):
-    assert cli.default_threads(cores, load, most) == want
+    assert threads.default_threads(cores, load, most) == want
 
 
-def test_threads(work, capfd, monkeypatch):
+def test_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    set_to = []
+    set_to, notes = [], []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
-    cli.set_threads(None, quiet=False)
-    assert set_to == [1] and "using 1 CPU thread of 2: other work keeps the rest busy (load average 1.2)" \
-        in capfd.readouterr().err
+    threads.set_threads(None, notes.append)
+    assert set_to == [1] and notes == ["using 1 CPU thread of 2: other work keeps the rest busy (load average 1.2); "
+                                       "--threads N or TOKENFLOW_THREADS to choose"]
     monkeypatch.setenv("TOKENFLOW_THREADS", "2")
-    cli.set_threads(None, quiet=False)
-    cli.set_threads(3, quiet=False)  # --threads over the environment
-    assert set_to == [1, 2, 3]
+    threads.set_threads(None, notes.append)
+    threads.set_threads(3, notes.append)  # --threads over the environment
+    assert set_to == [1, 2, 3] and len(notes) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("TOKENFLOW_THREADS")
-    cli.set_threads(None, quiet=False)  # the user's OMP_NUM_THREADS is left alone
+    threads.set_threads(None, notes.append)  # the user's OMP_NUM_THREADS is left alone
     assert set_to == [1, 2, 3]
     monkeypatch.setenv("TOKENFLOW_THREADS", "many")
-    with pytest.raises(cli.TokenFlowError, match="TOKENFLOW_THREADS='many' is not a thread count"):
-        cli.set_threads(None, quiet=False)
+    with pytest.raises(TokenFlowError, match="TOKENFLOW_THREADS='many' is not a thread count"):
+        threads.set_threads(None, notes.append)
 
 
 def test_threads_flag_applies_to_a_cpu_run(work, capfd):

@@ -67,7 +67,6 @@ HELP = {
 }
 # Config-file keys the CLI itself handles (the input selection); the rest are EditConfig keys.
 CLI_KEYS = ("input", "first_frame", "stride", "fps")
-THREADS_ENV = "TOKENFLOW_THREADS"
 
 log = logging.getLogger("tokenflow")
 
@@ -133,16 +132,6 @@ def _crf(text: str) -> int:
 _crf.__name__ = "H.264 CRF (0-51)"
 
 
-def _threads(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise ValueError(text)
-    return v
-
-
-_threads.__name__ = "thread count (1 or more)"
-
-
 def _add_config_flags(group) -> None:
     hints = typing.get_type_hints(EditConfig)
     comments = _field_comments()
@@ -205,7 +194,8 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
         add_edit_options(p.add_argument_group("evaluation"))
     s = p.add_argument_group("edit settings (each also a config key)")
     _add_config_flags(s)
-    p.add_argument("--threads", type=_threads, metavar="N",
+    from tokenflow.threads import THREADS_ENV, thread_count
+    p.add_argument("--threads", type=thread_count, metavar="N",
                    help=f"CPU threads of a CPU run (default: ${THREADS_ENV}, else the cores this process may use "
                         f"minus the busy ones, by the load average; OMP_NUM_THREADS, when set, is left alone)")
     m = p.add_argument_group("messages").add_mutually_exclusive_group()
@@ -333,37 +323,6 @@ def preflight(cfg: EditConfig, sel: dict, info) -> None:
                        start=cfg.start, pnp_attn_t=cfg.pnp_attn_t, pnp_f_t=cfg.pnp_f_t)
 
 
-def default_threads(cores: int, load: float, most: int) -> int:
-    """CPU threads for a run on `cores` allowed cores with a 1-minute load average of `load`, at most `most`
-    (torch's own default): the cores other work leaves idle, at least one. Oversubscribed cores cost far
-    more than an idle one (each thread of a parallel region waits for the slowest)."""
-    return max(1, min(most, cores - int(load + 0.5)))
-
-
-def set_threads(requested: int | None, quiet: bool) -> None:
-    """Threads of a CPU run: --threads, else $TOKENFLOW_THREADS, else (unless OMP_NUM_THREADS says) the idle
-    cores."""
-    import torch
-
-    if requested is None and os.environ.get(THREADS_ENV):
-        try:
-            requested = _threads(os.environ[THREADS_ENV])
-        except ValueError:
-            raise TokenFlowError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a thread count (1 or more); "
-                                 f"fix or unset it") from None
-    if requested is None:
-        if os.environ.get("OMP_NUM_THREADS"):
-            log.info("CPU threads: %d (OMP_NUM_THREADS)", torch.get_num_threads())
-            return
-        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
-        requested = default_threads(cores, load, torch.get_num_threads())
-        if requested < min(cores, torch.get_num_threads()):
-            _note(quiet, f"using {_count(requested, 'CPU thread')} of {cores}: other work keeps the rest busy (load "
-                         f"average {load:.1f}); --threads N or {THREADS_ENV} to choose")
-    torch.set_num_threads(requested)
-    log.info("CPU threads: %d", requested)
-
-
 # -- running -----------------------------------------------------------------------------------------
 
 def _count(n: int, word: str) -> str:
@@ -410,7 +369,8 @@ def run(command: str, args: argparse.Namespace) -> int:
 
     from tokenflow.models import TINY_VARIANTS, resolve_device
     if resolve_device(cfg.device).type == "cpu":
-        set_threads(args.threads, quiet)
+        from tokenflow.threads import set_threads
+        set_threads(args.threads, lambda msg: _note(quiet, msg))
     tiny = cfg.model in TINY_VARIANTS
     if tiny:
         _tiny_warning()
@@ -460,7 +420,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     timings["write"] = time.perf_counter() - t0
     peak = "n/a (CPU)" if res.peak_gpu_mem is None else f"{res.peak_gpu_mem / 2**30:.2f} GiB"
     out_fps = fps / sel["stride"]
-    resumed = f"edit resumed: {_count(res.resumed_steps, 'step')} {'was' if res.resumed_steps == 1 else 'were'} already done | "
+    was = "was" if res.resumed_steps == 1 else "were"
+    resumed = f"edit resumed: {_count(res.resumed_steps, 'step')} {was} already done | "
     print(f"{PROG}: done: {_count(len(res.frames), 'frame')} {W}x{H} at {_fps(out_fps)} fps | {_fmt_timings(timings)} | "
           f"peak GPU memory {peak} | inversion {'reused' if res.inversion_reused else 'computed'} | "
           f"{resumed if res.resumed_steps else ''}"
@@ -500,10 +461,11 @@ def _terminate(signum, frame):
 def os_error_line(e: OSError) -> str:
     """An OS error (a full disk, a read-only folder, ...) as one line: the path, the reason, the fix."""
     why = e.strerror or str(e)
+    elsewhere = "write elsewhere (-o for the outputs, --cache-dir or TOKENFLOW_CACHE for the latent store)"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = "free some space there, or write elsewhere (-o for the outputs, --cache-dir or TOKENFLOW_CACHE for the latent store)"
+        fix = f"free some space there, or {elsewhere}"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make it writable, or write elsewhere (-o for the outputs, --cache-dir or TOKENFLOW_CACHE for the latent store)"
+        fix = f"make it writable, or {elsewhere}"
     else:
         fix = "check the path and its disk"
     note = getattr(e, "tokenflow_note", "")
