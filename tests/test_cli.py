@@ -100,7 +100,7 @@ def test_bad_input_exits_2_with_one_line(bad_inputs, args, words):
     errors = [line for line in r.stderr.splitlines() if line.strip() and not _tiny_banner(line)]
     assert len(errors) == 1 and errors[0].startswith("tokenflow-edit: error: "), r.stderr
     assert words in errors[0]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "loading model" not in r.stderr  # found before anything loads
     assert visible(bad_inputs) == before  # no partial output, no default output folder
     assert (bad_inputs / "exists.mp4").read_bytes() == b"do not touch"
 

@@ -297,3 +297,41 @@ def test_png_frames_and_side_by_side(tmp_path):
     sbs = torch.stack(list(side_by_side(clip, clip.flip(3))))
     assert sbs.shape == (5, 3, 64, 192) and torch.equal(sbs[..., 96:], clip.flip(3))
     assert leftovers(tmp_path) == []
+
+
+def test_truncated_file_warns_when_the_selection_is_readable(tmp_path, caplog):
+    """A cut file whose index is at the front: a selection in its readable part is read with a warning,
+    one reaching past the cut is an error, the intact file says nothing."""
+    cut = _truncated_faststart(tmp_path)
+    intact = tmp_path / "faststart.mp4"
+    with caplog.at_level("WARNING", logger="tokenflow"):
+        assert read_frames(intact, count=3).shape[0] == 3
+        assert caplog.text == ""
+        assert torch.equal(read_frames(cut, count=3), read_frames(intact, count=3))
+    assert "is damaged: its last frames are missing" in caplog.text and f"announces {N_FRAMES} frames" in caplog.text
+    with pytest.raises(TokenFlowError, match="truncated"):
+        read_frames(cut)
+
+
+def test_frame_folder_takes_the_rate_of_its_video(tmp_path):
+    frames = tmp_path / "clip"
+    write_png_frames(frames, smooth_clip(3))
+    assert probe(frames).fps == 24 and probe(frames).fps_from is None  # alone: the default
+    write_video(tmp_path / "clip.mp4", smooth_clip(3), Fraction(30000, 1001))
+    info = probe(frames)
+    assert info.fps == Fraction(30000, 1001) and info.fps_from == tmp_path / "clip.mp4"
+    with pytest.raises(TokenFlowError, match=r"input .*/cli does not exist; check the path"):
+        probe(tmp_path / "cli")
+    with pytest.raises(TokenFlowError, match=r"input .*/vid does not exist; did you mean .*/vid\.mp4\?"):
+        (tmp_path / "vid.mp4").write_bytes((tmp_path / "clip.mp4").read_bytes())
+        probe(tmp_path / "vid")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_full_disk_is_an_os_error_naming_the_file():
+    """A full device fails the write (or the index written on close) with ENOSPC, as an OSError the
+    caller can name and explain, not an FFmpeg error."""
+    with pytest.raises(OSError) as e:
+        from tokenflow.video import encode_video
+        encode_video(Path("/dev/full"), smooth_clip(3), Fraction(24))
+    assert e.value.errno == 28 and e.value.filename == "/dev/full" and not isinstance(e.value, av.FFmpegError)

@@ -14,10 +14,12 @@ at the end: a failed or interrupted run leaves no partial output.
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import typing
@@ -120,6 +122,16 @@ def _fraction(text: str) -> Fraction:
 _fraction.__name__ = "positive rate (e.g. 24 or 30000/1001)"
 
 
+def _crf(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 51:  # H.264's CRF scale
+        raise ValueError(text)
+    return v
+
+
+_crf.__name__ = "H.264 CRF (0-51)"
+
+
 def _add_config_flags(group) -> None:
     hints = typing.get_type_hints(EditConfig)
     comments = _field_comments()
@@ -177,11 +189,15 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
         o.add_argument("--png", action="store_true", help="also write the frames as PNGs to OUT_frames/")
         o.add_argument("--side-by-side", action="store_true", help="also write input | edit to OUT_side_by_side.mp4")
         o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-        o.add_argument("--crf", type=_nonneg_int, default=18, help="H.264 quality, lower is better (default: 18)")
+        o.add_argument("--crf", type=_crf, default=18, help="H.264 quality, 0-51, lower is better (default: 18)")
         from tokenflow.metrics.cli import add_edit_options
         add_edit_options(p.add_argument_group("evaluation"))
     s = p.add_argument_group("edit settings (each also a config key)")
     _add_config_flags(s)
+    from tokenflow.threads import THREADS_ENV, thread_count
+    p.add_argument("--threads", type=thread_count, metavar="N",
+                   help=f"CPU threads of a CPU run (default: ${THREADS_ENV}, else the cores this process may use "
+                        f"minus the busy ones, by the load average; OMP_NUM_THREADS, when set, is left alone)")
     m = p.add_argument_group("messages").add_mutually_exclusive_group()
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: errors and the summary line only")
     m.add_argument("-v", "--verbose", action="store_true", help="also the engine's log")
@@ -218,8 +234,9 @@ def resolve(args: argparse.Namespace) -> tuple[EditConfig, dict]:
     data = load_config_file(args.config) if args.config else {}
     sel = {"input": None, "first_frame": 0, "stride": 1, "fps": None}
     data.pop(RESULT_KEY, None)
-    if "data_path" in data:  # the reference's input key
+    if "data_path" in data:  # the reference's input key: the folder its preprocessing extracted frames to
         sel["input"] = data.pop("data_path")
+        sel["data_path"] = args.input is None
     for k in CLI_KEYS:
         if k in data:
             sel[k] = data.pop(k)
@@ -248,11 +265,21 @@ def resolve(args: argparse.Namespace) -> tuple[EditConfig, dict]:
     return cfg, sel
 
 
-def input_path(name: str) -> Path:
+def input_path(name: str, *, data_path: bool = False, quiet: bool = True) -> Path:
+    """The input's path. `data_path`: it came from the reference's key, which names the frame folder its
+    preprocessing extracted from `NAME.mp4`: when that folder is not there, the video is used."""
     if str(name) == "sample":
         from tokenflow.sample import sample_path
         return sample_path()
-    return Path(name).expanduser()
+    path = Path(name).expanduser()
+    if data_path and not path.exists():
+        from tokenflow.video import videos_named_like
+        like = videos_named_like(path)
+        if like:
+            _note(quiet, f"data_path {path} (the reference's folder of extracted frames) is not there; using "
+                         f"{like[0]}, the video it is extracted from")
+            return like[0]
+    return path
 
 
 def output_paths(args, cfg: EditConfig, src: Path) -> Outputs:
@@ -272,10 +299,35 @@ def output_paths(args, cfg: EditConfig, src: Path) -> Outputs:
             video = out
     outputs = Outputs(video, png=args.png, side_by_side=args.side_by_side, report=args.report)
     outputs.check(args.overwrite, src)
+    from tokenflow.video import check_writable
+    # The default folder is made at the end: then the folder it goes in must be writable.
+    check_writable(video.parent if video.parent.is_dir() else video.parent.parent)
     return outputs
 
 
+def preflight(cfg: EditConfig, sel: dict, info) -> None:
+    """Every check that needs neither the model nor the frames, so a mistake costs a second, not the
+    10-30 s of loading the model and reading the video: the device, the frame selection, the groups, the
+    timestep grid (from the model's scheduler config, read without its weights when it can be)."""
+    from tokenflow.keyframes import make_groups
+    from tokenflow.models import resolve_device, scheduler_config
+    from tokenflow.video import count_selected
+
+    resolve_device(cfg.device)
+    n = count_selected(info, sel["first_frame"], cfg.n_frames, sel["stride"])
+    make_groups(n, cfg.batch_size, cfg.match_reference)
+    config = scheduler_config(cfg.model, cfg.model_config)
+    if config is not None:
+        from tokenflow.schedule import Schedule
+        Schedule.build(config, n_inversion_steps=cfg.n_inversion_steps, n_timesteps=cfg.n_timesteps, mode=cfg.mode,
+                       start=cfg.start, pnp_attn_t=cfg.pnp_attn_t, pnp_f_t=cfg.pnp_f_t)
+
+
 # -- running -----------------------------------------------------------------------------------------
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
 
 def _note(quiet: bool, msg: str) -> None:
     if not quiet:
@@ -297,18 +349,28 @@ def run(command: str, args: argparse.Namespace) -> int:
     cfg, sel = resolve(args)
     if command != "invert" and not cfg.prompt.strip():
         raise TokenFlowError('the prompt is empty: say what the edited video should show (--prompt "...")')
-    src = input_path(sel["input"])
+    src = input_path(sel["input"], data_path=sel.get("data_path", False), quiet=quiet)
     info = probe(src)
     fps = sel["fps"] if (info.is_folder and sel["fps"]) else info.fps
+    if info.fps_from is not None and not sel["fps"]:
+        _note(quiet, f"frame rate {_fps(fps)} from {info.fps_from}, the video beside the frame folder (--fps to choose)")
     resize = resize_for(info.width, info.height, width=cfg.width, height=cfg.height, resize=cfg.resize,
                         match_reference=cfg.match_reference)
     W, H = resize.width, resize.height
+    if resize.via is not None:
+        _note(quiet, f"--match-reference: the reference edits square sizes at 512x512, so the {resize.via[0]}x"
+                     f"{resize.via[1]} frames are stretched to 512x512 as it did; drop --match-reference to edit "
+                     f"at {resize.via[0]}x{resize.via[1]}")
     outputs = output_paths(args, cfg, src) if command != "invert" else None
     depth_src = input_path(cfg.depth) if cfg.depth else None
     if depth_src is not None:
         probe(depth_src)
+    preflight(cfg, sel, info)
 
-    from tokenflow.models import TINY_VARIANTS
+    from tokenflow.models import TINY_VARIANTS, resolve_device
+    if resolve_device(cfg.device).type == "cpu":
+        from tokenflow.threads import set_threads
+        set_threads(args.threads, lambda msg: _note(quiet, msg))
     tiny = cfg.model in TINY_VARIANTS
     if tiny:
         _tiny_warning()
@@ -321,7 +383,7 @@ def run(command: str, args: argparse.Namespace) -> int:
 
     from tokenflow.video import read_frames
     t0 = time.perf_counter()
-    _note(quiet, f"reading {src} ({info.width}x{info.height}, {info.frames} frames at {_fps(info.fps)} fps) "
+    _note(quiet, f"reading {src} ({info.width}x{info.height}, {_count(info.frames, 'frame')} at {_fps(fps)} fps) "
                  f"-> {W}x{H} ({resize.policy})")
     frames = read_frames(src, start=sel["first_frame"], count=cfg.n_frames, stride=sel["stride"],
                          resize=resize, progress=not quiet)
@@ -335,7 +397,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         stage: dict[str, float] = {}
         inv = editor.invert(frames, cfg, progress=not quiet, depth=depth, _timings=stage)
         timings.update(stage)
-        print(f"{PROG}: inverted {len(frames)} frames {W}x{H} into {inv.path}"
+        print(f"{PROG}: inverted {_count(len(frames), 'frame')} {W}x{H} into {inv.path}"
               f"{' (reused: already in the store)' if inv.reused else ''} | {_fmt_timings(timings)}"
               f"{' | tiny-random: MEANINGLESS' if tiny else ''}", flush=True)
         return 0
@@ -348,13 +410,21 @@ def run(command: str, args: argparse.Namespace) -> int:
     from tokenflow.metrics.cli import edit_result
     metrics = edit_result(args, res.frames, frames[:len(res.frames)], cfg.prompt, timings, quiet)
     t0 = time.perf_counter()
-    write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args.crf, timings, quiet, metrics)
+    try:
+        write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args.crf, timings, quiet, metrics)
+    except OSError as e:  # a full disk or a folder made read-only meanwhile: the edit itself is not lost
+        e.tokenflow_where = f"the outputs in {outputs.video.parent.resolve()}"  # not the hidden temporary name
+        e.tokenflow_note = ("the finished edit is kept in the latent store: the same command run again only "
+                            "decodes and writes it" if res.checkpoint is not None else "")
+        raise
     timings["write"] = time.perf_counter() - t0
     peak = "n/a (CPU)" if res.peak_gpu_mem is None else f"{res.peak_gpu_mem / 2**30:.2f} GiB"
     out_fps = fps / sel["stride"]
-    print(f"{PROG}: done: {len(res.frames)} frames {W}x{H} at {_fps(out_fps)} fps | {_fmt_timings(timings)} | "
+    was = "was" if res.resumed_steps == 1 else "were"
+    resumed = f"edit resumed: {_count(res.resumed_steps, 'step')} {was} already done | "
+    print(f"{PROG}: done: {_count(len(res.frames), 'frame')} {W}x{H} at {_fps(out_fps)} fps | {_fmt_timings(timings)} | "
           f"peak GPU memory {peak} | inversion {'reused' if res.inversion_reused else 'computed'} | "
-          f"{f'edit resumed: {res.resumed_steps} steps were already done | ' if res.resumed_steps else ''}"
+          f"{resumed if res.resumed_steps else ''}"
           f"{outputs.video}{' | tiny-random: MEANINGLESS OUTPUT' if tiny else ''}", flush=True)
     return 0
 
@@ -380,6 +450,30 @@ def _describe(e: TokenFlowError) -> str:
     return str(e)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a kill, a job scheduler's stop), handled as Ctrl-C: outputs discarded, the store kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error (a full disk, a read-only folder, ...) as one line: the path, the reason, the fix."""
+    why = e.strerror or str(e)
+    elsewhere = "write elsewhere (-o for the outputs, --cache-dir or TOKENFLOW_CACHE for the latent store)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = f"free some space there, or {elsewhere}"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make it writable, or {elsewhere}"
+    else:
+        fix = "check the path and its disk"
+    note = getattr(e, "tokenflow_note", "")
+    where = getattr(e, "tokenflow_where", None)
+    head = f"cannot write {where} ({why})" if where else f"{e.filename or 'a file'}: {why}"
+    return f"{head}; {fix}{'; ' + note if note else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
@@ -388,14 +482,20 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = split_command(argv)
     args = build_parser(command).parse_args(rest)
     _setup_logging(args)
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return run(command, args)
     except TokenFlowError as e:
         _fail(_describe(e))
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; no partial output is left (finished inversion chunks stay in the latent "
-              f"store and are reused by the next run)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{PROG}: {how}; no partial output is left (finished inversion chunks and edit steps stay in the "
+              f"latent store and are reused by the next run)", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+    except OSError as e:
+        _fail(os_error_line(e), 1)
     except MemoryError:
         _fail("out of host memory: select fewer frames (--frames, --stride) or a smaller size (--width/--height)", 1)
     except Exception as e:  # noqa: BLE001 - out of GPU memory is a user matter; anything else is a bug
@@ -403,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
             _fail("out of GPU memory: cap it with --max-gpu-mem, lower --chunk-frames, or select fewer frames or "
                   "a smaller size", 1)
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

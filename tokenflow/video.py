@@ -51,6 +51,7 @@ class VideoInfo:
     audio_codec: str | None = None
     is_folder: bool = False
     codec: str | None = None
+    fps_from: Path | None = None  # a folder of frames: the video of the same name beside it that gave `fps`
 
 
 # -- input -------------------------------------------------------------------------------------------
@@ -85,11 +86,20 @@ def _why(e: Exception) -> str:
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
+def videos_named_like(path: Path) -> list[Path]:
+    """Videos beside `path` with its name and a video suffix: `data/wolf` -> `data/wolf.mp4`. (The
+    reference's preprocessing extracted data/wolf.mp4 into the frame folder data/wolf.)"""
+    return [v for v in (path.with_name(path.name + sfx) for sfx in VIDEO_SUFFIXES) if v.is_file()]
+
+
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """What `path` (a video file or a folder of frames) holds, without decoding it."""
+    """What `path` (a video file or a folder of frames) holds, without decoding it. A folder of frames
+    takes the frame rate of a video of the same name beside it (`data/wolf/` and `data/wolf.mp4`), else 24."""
     path = Path(path)
     if not path.exists():
-        raise TokenFlowError(f"input {path} does not exist; check the path (or use `sample` for the bundled clip)")
+        like = videos_named_like(path)
+        hint = f"did you mean {like[0]}?" if like else "check the path (or use `sample` for the bundled clip)"
+        raise TokenFlowError(f"input {path} does not exist; {hint}")
     if path.is_dir():
         files = image_files(path)
         if not files:
@@ -99,7 +109,14 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                 w, h = im.size
         except OSError as e:
             raise TokenFlowError(f"{files[0]} is not a readable image ({_why(e)})") from None
-        return VideoInfo(path, len(files), DEFAULT_FOLDER_FPS, w, h, False, is_folder=True)
+        fps, source = DEFAULT_FOLDER_FPS, None
+        for video in videos_named_like(path):
+            try:
+                fps, source = probe(video).fps, video
+                break
+            except TokenFlowError:  # an unreadable neighbour does not make the frames unreadable
+                continue
+        return VideoInfo(path, len(files), fps, w, h, False, is_folder=True, fps_from=source)
     if path.stat().st_size == 0:
         raise TokenFlowError(f"{path} is empty (0 bytes); give a video file")
     with _open(path) as c:
@@ -244,17 +261,25 @@ def _selected(start: int, count: int | None, stride: int, total: int | None) -> 
     return avail if count is None else min(count, avail)
 
 
+def count_selected(info: VideoInfo, start: int = 0, count: int | None = None, stride: int = 1) -> int:
+    """How many frames the selection start, start+stride, ... (at most `count`) takes from `info`; none
+    is an error naming the fix."""
+    n = _selected(start, count, stride, info.frames)
+    if n == 0:
+        raise TokenFlowError(f"no frames selected: {info.path} has {info.frames} frames and the selection starts "
+                             f"at frame {start}; lower --start (at most {info.frames - 1})")
+    return n
+
+
 def read_frames(path: str | os.PathLike, *, start: int = 0, count: int | None = None, stride: int = 1,
                 resize: Resize | None = None, progress: bool = False) -> torch.Tensor:
     """Frames start, start+stride, ... (at most `count`) of a video file or folder of frames,
     as uint8 [N, 3, H, W] RGB, each resized by `resize` as it is decoded (None: native size).
 
-    Decoding stops after the last selected frame; only selected frames are kept."""
+    Decoding stops after the last selected frame; only selected frames are kept. A file whose end is
+    missing (truncated) is an error when the selection reaches into the missing part, else a warning."""
     info = probe(path)
-    n = _selected(start, count, stride, info.frames)
-    if n == 0:
-        raise TokenFlowError(f"no frames selected: {info.path} has {info.frames} frames and the selection starts "
-                             f"at frame {start}; lower --start")
+    n = count_selected(info, start, count, stride)
     out: list[torch.Tensor] = []
     with bar(desc="reading frames", enabled=progress, total=n, unit="frame") as pb:
         for im in _images(info, start, n, stride):
@@ -285,6 +310,11 @@ def _images(info: VideoInfo, start: int, n: int, stride: int) -> Iterator[Image.
                     yield frame.to_image()
                     kept += 1
                     if kept == n:
+                        if announced and i + 1 < announced and tail_missing(info):
+                            log.warning("%s is damaged: its last frames are missing (the file looks truncated; "
+                                        "its index announces %d frames). The %d selected frames are readable, "
+                                        "so they are used; re-export the file to use the rest", info.path,
+                                        announced, n)
                         return
                 i += 1
         except av.FFmpegError as e:
@@ -296,6 +326,20 @@ def _images(info: VideoInfo, start: int, n: int, stride: int) -> Iterator[Image.
             raise TokenFlowError(f"{info.path} ended after {i} of {info.frames} frames: the file looks truncated; "
                                  f"re-export it")
         log.warning("%s: %d frames decoded where the container announced %d", info.path, i, announced)
+
+
+def tail_missing(info: VideoInfo) -> bool:
+    """Whether the video's last packet is gone (a cut file whose index, at its front, still lists it):
+    a seek to the end of the stream finds no data. Costs one seek, not a decode of the rest."""
+    try:
+        with av.open(str(info.path), metadata_errors="ignore") as c:
+            s = c.streams.video[0]
+            if not s.duration:
+                return False  # no duration to seek to: the container cannot say
+            c.seek((s.start_time or 0) + s.duration, stream=s, backward=True, any_frame=True)
+            return not any(p.size for p in c.demux(s))
+    except av.FFmpegError:
+        return True
 
 
 # -- output ------------------------------------------------------------------------------------------
@@ -311,6 +355,19 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     if path.is_dir() and path.suffix:
         raise TokenFlowError(f"{path} is a folder; give a file path for the output")
     return path
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise unless a file can be created in `folder` (tried for real: permission bits do not tell about a
+    read-only mount, and root ignores them)."""
+    folder = Path(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenflow-write-check.")
+    except OSError as e:
+        raise TokenFlowError(f"cannot write to the output folder {folder} ({e.strerror}); make it writable or "
+                             f"choose another output path (-o)") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def temp_path(path: Path, *, directory: bool = False) -> Path:
@@ -389,6 +446,7 @@ def encode_video(path: Path, frames, fps: Fraction, *, audio_from: str | os.Path
     fps = Fraction(fps)
     out = av.open(str(path), mode="w", format="mp4")
     src = None
+    closed = False
     try:
         v = None
         audio = None
@@ -424,11 +482,19 @@ def encode_video(path: Path, frames, fps: Fraction, *, audio_from: str | os.Path
         out.mux(v.encode(None))
         if audio is not None:
             audio.mux_until(float(n / fps) if audio_duration is None else audio_duration, final=True)
+        closed = True
+        out.close()  # writes the index: a full disk may only show here
         return n
     except av.FFmpegError as e:
+        if isinstance(e, OSError) and e.errno:  # the disk, not the data: the caller names the output and the fix
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
         raise TokenFlowError(f"could not write {path} ({_why(e)})") from None
     finally:
-        out.close()
+        if not closed:
+            try:
+                out.close()
+            except av.FFmpegError:
+                pass  # the error that got here is the one to report
         if src is not None:
             src.close()
 
