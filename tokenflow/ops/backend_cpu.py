@@ -23,14 +23,7 @@ import torch
 
 from tokenflow.ops.backends import Backend, register
 from tokenflow.ops.capabilities import Capabilities
-
-try:
-    from tokenflow import _C
-    MISSING = None
-except ImportError as e:  # the registry reports this as the reason the backend is unavailable
-    _C = None
-    MISSING = (f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
-               "`pip install -v -e .` to see why (docs/build.md)")
+from tokenflow.ops.native import MISSING, _C  # MISSING: why the extension is absent, or None
 
 # Element type codes of csrc/propagate.h (enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
