@@ -16,14 +16,15 @@ REBUILD = "reinstall tokenflow-ops with `pip install -v` to see the build output
 
 try:
     from tokenflow import _C
-    MISSING = None
+    MISSING = REASON = None
 except ImportError as e:
     _C = None
     try:
         recorded = NOT_BUILT.read_text().strip()
     except OSError:
         recorded = ""
-    MISSING = f"{recorded or f'the native extension tokenflow._C does not load ({e})'}; {REBUILD}"
+    REASON = recorded or f"the native extension tokenflow._C does not load ({e})"
+    MISSING = f"{REASON}; {REBUILD}"
 
 _warned = False
 
@@ -33,5 +34,4 @@ def warn_if_missing() -> None:
     global _warned
     if MISSING and not _warned:
         _warned = True
-        log.warning("tokenflow.ops: %s. The cpu and cuda backends are off; torch and triton run instead.",
-                    MISSING.split("; ")[0])
+        log.warning("tokenflow.ops: %s; the cpu and cuda backends are off (torch and triton run instead)", REASON)
