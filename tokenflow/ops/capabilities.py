@@ -191,7 +191,7 @@ def _auto_words(caps: Capabilities) -> str:
     if not caps.auto:
         return "no"
     if caps.auto_cpu_isas is not None:
-        return "with the " + " or ".join(caps.auto_cpu_isas) + " CPU kernel"
+        return "yes; unmeasured, only with the " + " or ".join(caps.auto_cpu_isas) + " CPU kernel"
     return "yes"
 
 
