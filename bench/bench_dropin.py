@@ -18,7 +18,10 @@ flags, tokenflow._C kernel variant, torch's CPU capability, threads), date, vers
 TOKENFLOW_CPU_ISA=avx2 with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 stands for an AVX2-only host.
 
     python bench/bench_dropin.py [--device cpu|cuda] [--dtypes float32] [--levels 4096 1024 256 64]
-                                 [--keyframes 2] [--batch 8] [--rounds 3] [--quick] [--out PATH]
+                                 [--ops extended_attention propagate] [--keyframes 2] [--batch 8]
+                                 [--rounds 3] [--quick] [--out PATH]
+On a shared CPU, run it with OMP_NUM_THREADS=1: torch's many small ops otherwise spin-wait for threads
+that other processes hold (seen here: the torch backend's propagation took 1 s at S = 64 with 2 threads).
 """
 from __future__ import annotations
 
@@ -121,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keyframes", type=int, default=None, help="K of extended attention (default 2 on the CPU, 5 on a GPU)")
     ap.add_argument("--batch", type=int, default=8, help="frames per group of a propagation pass")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ops", nargs="+", default=["extended_attention", "propagate"],
+                    choices=["extended_attention", "propagate"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, one round: a smoke test")
     ap.add_argument("--out", default=None, help="default bench/results/dropin_<device>.json")
     args = ap.parse_args(argv)
@@ -135,8 +140,10 @@ def main(argv=None) -> int:
     rows = []
     for dtype in dtypes:
         for S, C in levels.items():
-            for op, case in (("extended_attention", attention_case(S, C, K, dtype, device, g)),
-                             ("propagate", propagation_case(S, C, args.batch, dtype, device, g))):
+            cases = {"extended_attention": lambda: attention_case(S, C, K, dtype, device, g),
+                     "propagate": lambda: propagation_case(S, C, args.batch, dtype, device, g)}
+            for op in args.ops:
+                case = cases[op]()
                 for row in bench_case(op, case, (S, C), dtype, device, rounds):
                     rows.append(row)
                     print(f"{row['op']:>18} S={S:>4} C={C:>4} {row['dtype']:>8} {row['method']:>16}: "
