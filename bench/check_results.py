@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 REQUIRED = ("device", "date", "torch", "python", "command")
+# Drop-in records (bench_dropin.py) also say what the CPU offers and which kernel variant ran, since the
+# ranking of the backends depends on it.
+REQUIRED_BY_PREFIX = {"dropin": ("cpu_model", "cpu_isa_flags", "torch_cpu_capability", "torch_threads",
+                                 "tokenflow_ops", "isa_env")}
 
 
 def problems(path: Path) -> list[str]:
@@ -18,7 +22,8 @@ def problems(path: Path) -> list[str]:
     except (OSError, ValueError) as e:
         return [f"{path}: unreadable ({e})"]
     meta = data.get("meta", {})
-    out = [f"{path}: meta lacks {key!r}" for key in REQUIRED if not meta.get(key)]
+    extra = next((keys for prefix, keys in REQUIRED_BY_PREFIX.items() if path.name.startswith(prefix)), ())
+    out = [f"{path}: meta lacks {key!r}" for key in (*REQUIRED, *extra) if meta.get(key) in (None, "")]
     if not data.get("rows"):
         out.append(f"{path}: no rows")
     return out

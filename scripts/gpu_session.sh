@@ -44,7 +44,7 @@ step "build"
 if [ $DRY = 1 ]; then  # the extension the install already built (CUDA compile checks are tests/test_csrc_build.py's)
   python3 -c "from tokenflow import _C; print(_C.build_info())" 2>&1 | tee "$OUT/build.log"
 else
-  TOKENFLOW_CUDA=on python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20 | tee "$OUT/build.log"
+  TOKENFLOW_CUDA=on python3 -m pip install -q --no-deps --no-build-isolation -e ./packaging/tokenflow-ops 2>&1 | tail -20 | tee "$OUT/build.log"
 fi
 python3 -c "import tokenflow.ops as o; print('backends:', o.available())" | tee -a "$OUT/build.log" \
   || fail "tokenflow.ops does not import"

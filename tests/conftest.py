@@ -6,6 +6,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# auto by measurement picks by timing, which tests must not depend on: they run the priority order
+# (tests/test_autotune.py turns measurement on, with a fake timer), and write no autotune file.
+os.environ.setdefault("TOKENFLOW_AUTOTUNE", "0")
+os.environ.setdefault("TOKENFLOW_AUTOTUNE_CACHE", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

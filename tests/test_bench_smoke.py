@@ -65,3 +65,23 @@ def test_cpu_propagation_benchmark_per_isa_smoke(tmp_path):
     (row,) = data["cpu_vs_torch"]
     assert row["isa"] in ("avx2", "generic") and row["cpu_vs_torch"] > 0  # generic where the CPU lacks AVX2
     assert data["by_isa"]["avx2"]["isa_env"]["TOKENFLOW_CPU_ISA"] == "avx2"
+
+
+def test_dropin_benchmark_smoke(tmp_path):
+    """bench/bench_dropin.py --quick: every op has the reference's pattern, each available backend that runs
+    it, and auto (naming what it picked), all agreeing with the reference; the record passes check_results."""
+    from tokenflow.ops import backends
+
+    out = tmp_path / "dropin.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dropin.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for op in ("extended_attention", "propagate"):
+        rows = {row["method"]: row for row in data["rows"] if row["op"] == op and row["S"] == 64}
+        assert {"reference", "ops:torch", "ops:auto"} <= set(rows)
+        assert rows["ops:auto"]["backend"] in backends.available()
+        assert all(row["max_diff_vs_reference"] < 1e-4 for row in rows.values()), rows
+    assert {"cpu_isa_flags", "torch_cpu_capability", "tokenflow_ops"} <= set(data["meta"])
+    check = subprocess.run([sys.executable, str(ROOT / "bench" / "check_results.py"), str(out)], capture_output=True)
+    assert check.returncode == 0

@@ -7,8 +7,9 @@ keyframe and the previous group's).
 Backends: `torch` (the reference), `triton`, `cuda`, `cpu` (the C++ extension) and `faiss` (search
 only), each declaring what it runs (`tokenflow.ops.capabilities`). `backend=None` uses
 `use_backend(...)` in a block, else `set_backend(...)`, else the environment variable TOKENFLOW_BACKEND
-(each for the operations that backend implements), else `auto`, the first backend in priority order
-that may and can run the inputs (`explain(op, **inputs)` says why each one would or would not).
+(each for the operations that backend implements), else `auto`: the fastest of the backends that may
+and can run the inputs, measured once per shape class and device (TOKENFLOW_AUTOTUNE=0: the first in
+priority order); `explain(op, **inputs)` says why each one would or would not run.
 
 Inputs are validated here, once per call, with the offending shapes named, before any backend runs;
 backends do not check again. The one check that reads tensor values (`which` in [-1, K - 1]) would
@@ -24,6 +25,8 @@ import torch
 
 from tokenflow.ops import backends
 from tokenflow.ops.backends import BackendError, available, explain, set_backend, use_backend
+
+__version__ = "0.1.0"  # the tokenflow-ops distribution (packaging/tokenflow-ops/pyproject.toml)
 
 __all__ = ["extended_attention", "propagate", "cosine_argmax", "set_backend", "use_backend", "available",
            "explain", "set_checks", "BackendError"]

@@ -10,10 +10,12 @@ bit, about 1.7x faster (TOKENFLOW_CPU_PRESEARCH=0 turns this off). The gather-bl
 float32. The glue here makes inputs contiguous (a copy, only when they are not), allocates the outputs
 and hands raw pointers to the kernel. Without the built extension the backend is unavailable and says why.
 
-`auto` picks it only with the AVX512-BF16 kernel variant (`AUTO_ISAS`): the AVX2 variant measured 0.63-0.73x
-torch's speed (0.86-1.04x against a torch capped to AVX2), AVX-512 without BF16 0.81-1.08x, while with
-AVX512-BF16 it measured 1.8-2.6x on an AMD EPYC (bench/results/propagate_cpu_isa*.json,
-bench/results/propagate_cpu.json; docs/backend.md section 3 has the table). By name it runs with any variant.
+`auto` times it against the torch backend on first use at each shape class (autotune.py): the AVX2 variant
+measured 0.63-0.73x torch's speed here (0.86-1.04x against a torch capped to AVX2), AVX-512 without BF16
+0.81-1.08x, while with AVX512-BF16 it measured 1.8-2.6x on an AMD EPYC (bench/results/propagate_cpu_isa*.json,
+bench/results/propagate_cpu.json; docs/backend.md section 6 has the table). Without measurement
+(TOKENFLOW_AUTOTUNE=0) auto takes it only with the AVX512-BF16 variant (`AUTO_ISAS`). By name it runs with
+any variant.
 """
 from __future__ import annotations
 
@@ -23,14 +25,7 @@ import torch
 
 from tokenflow.ops.backends import Backend, register
 from tokenflow.ops.capabilities import Capabilities
-
-try:
-    from tokenflow import _C
-    MISSING = None
-except ImportError as e:  # the registry reports this as the reason the backend is unavailable
-    _C = None
-    MISSING = (f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
-               "`pip install -v -e .` to see why (docs/build.md)")
+from tokenflow.ops.native import MISSING, _C  # MISSING: why the extension is absent, or None
 
 # Element type codes of csrc/propagate.h (enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -47,7 +42,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-# The CPU kernel variants (tokenflow._C.build_info()["cpu_isa"]) with which `auto` picks this backend.
+# The CPU kernel variants (tokenflow._C.build_info()["cpu_isa"]) with which unmeasured `auto` picks this backend.
 AUTO_ISAS = ("avx512bf16",)
 
 
@@ -57,7 +52,8 @@ class CpuBackend(Backend):
         ops=("propagate", "cosine_argmax"), devices=("cpu",),
         max_tokens=2**31 - 1,  # candidate indices are int32 inside the kernel
         auto_cpu_isas=AUTO_ISAS,
-        auto_note="it measured slower than the torch backend there (docs/backend.md); ask for it by name")
+        auto_note="it measured slower than the torch backend there (docs/backend.md); ask for it by name, "
+                  "or let auto measure (TOKENFLOW_AUTOTUNE=1)")
 
     def unavailable(self):
         return MISSING or super().unavailable()

@@ -14,17 +14,12 @@ import torch
 
 from tokenflow.ops.backends import Backend, register
 from tokenflow.ops.capabilities import Capabilities
+from tokenflow.ops.native import _C
+from tokenflow.ops.native import MISSING as _NOT_LOADED
 
-try:
-    from tokenflow import _C
-except ImportError as e:
-    _C = None
-    MISSING = (f"the native extension tokenflow._C is not built or does not load ({e}); reinstall with "
-               "`pip install -v -e .` to see why (docs/build.md)")
-else:
-    MISSING = None if _C.has_cuda() else (
-        f"tokenflow._C was built without its CUDA kernels: {_C.build_info()['cuda_absent_reason']} "
-        "(docs/build.md: TOKENFLOW_CUDA)")
+MISSING = _NOT_LOADED or (None if _C.has_cuda() else (
+    f"tokenflow._C was built without its CUDA kernels: {_C.build_info()['cuda_absent_reason']} "
+    "(docs/build.md: TOKENFLOW_CUDA)"))
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 

@@ -20,7 +20,7 @@ try:
     MISSING = None
 except ImportError as e:
     faiss = None
-    MISSING = f"faiss does not import ({e}); install faiss-cpu (`pip install -e '.[faiss]'`)"
+    MISSING = f"faiss does not import ({e}); install faiss-cpu (`pip install faiss-cpu`, or the extra tokenflow-ops[faiss])"
 
 
 class FaissBackend(Backend):

@@ -29,7 +29,7 @@ try:
     MISSING = None
 except ImportError as e:
     _ea = _prop = None
-    MISSING = f"the Triton kernels do not import ({e}); install triton (`pip install -e '.[triton]'`)"
+    MISSING = f"the Triton kernels do not import ({e}); install triton (`pip install triton`, or the extra tokenflow-ops[triton])"
 
 ON_GPU = Capabilities(
     ops=("extended_attention", "propagate", "cosine_argmax"), devices=("cuda",),

@@ -13,8 +13,9 @@ Choice for one call, first match wins:
 2. `use_backend(name)`, a context manager (a context variable: this block, this thread or task);
 3. `set_backend(name)`, for the process;
 4. the environment variable TOKENFLOW_BACKEND;
-5. `auto`: the first backend in priority order that `auto` may pick here (`why_not_auto`), that accepts
-   the inputs, and that passed its first-use self-check on CUDA inputs (selfcheck.py).
+5. `auto`: of the backends that `auto` may pick here (`why_not_auto`), that accept the inputs and that
+   passed their first-use self-check on CUDA inputs (selfcheck.py), the fastest, measured once per shape
+   class (autotune.py); with TOKENFLOW_AUTOTUNE=0, the first of them in priority order.
 A backend forced by 2-4 runs the operations it implements and leaves the others to `auto` (logged at
 debug level once per operation). A forced backend that cannot run the inputs raises `BackendError`.
 """
@@ -28,9 +29,9 @@ import os
 
 import torch
 
-from tokenflow.errors import TokenFlowError
-from tokenflow.ops import capabilities, selfcheck
+from tokenflow.ops import autotune, capabilities, native, selfcheck
 from tokenflow.ops.capabilities import OPS, Capabilities
+from tokenflow.ops.errors import BackendError
 
 log = logging.getLogger("tokenflow")
 
@@ -51,10 +52,6 @@ _process_choice: str | None = None
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("tokenflow_backend", default=None)
 _noted: set[tuple[str, str]] = set()
 _USABLE = {"cpu": lambda: True, "cuda": torch.cuda.is_available}
-
-
-class BackendError(TokenFlowError, ValueError):
-    """A backend that was asked for cannot run: unknown, unavailable here, or not on these inputs."""
 
 
 class Backend:
@@ -86,8 +83,8 @@ class Backend:
     def why_not(self, op: str, **inputs) -> str | None:
         return capabilities.why_not(self.capabilities(), self.name, op, inputs)
 
-    def why_not_auto(self) -> str | None:
-        return capabilities.why_not_auto(self.capabilities())
+    def why_not_auto(self, measured: bool = False) -> str | None:
+        return capabilities.why_not_auto(self.capabilities(), measured)
 
 
 def register(backend: Backend) -> None:
@@ -105,6 +102,7 @@ def _load() -> None:
             importlib.import_module(module)
         except Exception as e:  # an optional backend that cannot load is reported, never fatal
             _import_errors[name] = f"{type(e).__name__}: {e}"
+    native.warn_if_missing()
 
 
 def known() -> list[str]:
@@ -188,20 +186,32 @@ def _named(op: str, name: str, source: str, inputs: dict) -> Backend:
     return b
 
 
-def _auto(op: str, inputs: dict) -> Backend:
-    reasons = []
+def _eligible(op: str, inputs: dict, measured: bool) -> tuple[list[Backend], list[str]]:
+    """The backends auto may run `op` on `inputs` with, in priority order, and why the others are out."""
+    ok, reasons = [], []
     for n in _MODULES:
         b = _registry.get(n)
         if b is None or op not in b.ops:
             continue
         # Data first: a CPU call never asks the CUDA driver whether the cuda backend could run.
-        reason = b.why_not_auto() or b.why_not(op, **inputs) or why_unavailable(n)
+        reason = b.why_not_auto(measured) or b.why_not(op, **inputs) or why_unavailable(n)
         if reason is None and not selfcheck.verified(b, op, inputs):
             reason = "failed its first-use self-check against the reference on this device"
         if reason is None:
-            return b
-        reasons.append(f"{n}: {reason}")
-    raise BackendError(f"no backend can run {op}: " + "; ".join(reasons))
+            ok.append(b)
+        else:
+            reasons.append(f"{n}: {reason}")
+    return ok, reasons
+
+
+def _auto(op: str, inputs: dict) -> Backend:
+    measured = autotune.enabled()
+    ok, reasons = _eligible(op, inputs, measured)
+    if not ok:
+        raise BackendError(f"no backend can run {op}: " + "; ".join(reasons))
+    if not measured or len(ok) == 1:
+        return ok[0]
+    return autotune.pick(op, ok, inputs)
 
 
 def choose(op: str, backend: str | None, **inputs) -> Backend:
@@ -228,17 +238,23 @@ def choose(op: str, backend: str | None, **inputs) -> Backend:
 
 def explain(op: str, *, auto: bool = False, **inputs) -> dict[str, str | None]:
     """For each known backend, None if it would run `op` on these inputs when asked by name, else why not;
-    with `auto=True`, as `auto` sees them (also why it passes a backend over, e.g. faiss, or the cpu
-    backend with a kernel variant slower than torch)."""
+    with `auto=True`, as `auto` sees them: also why it passes a backend over (e.g. faiss), and, once auto
+    has measured this shape class, which backends it measured slower (with the times)."""
     _load()
+    measured = autotune.enabled()
+    record = autotune.record_for(op, inputs) if auto and measured else None
     out = {}
     for n in known()[1:]:
         reason = why_unavailable(n)
         if reason:
             out[n] = f"unavailable: {reason}"
-        else:
-            b = _registry[n]
-            out[n] = (b.why_not_auto() if auto else None) or b.why_not(op, **inputs)
+            continue
+        b = _registry[n]
+        out[n] = (b.why_not_auto(measured) if auto else None) or b.why_not(op, **inputs)
+        if out[n] is None and record and n != record["backend"] and n in record["seconds"]:
+            secs = record["seconds"]
+            out[n] = (f"measured slower here: {secs[n] * 1e3:.3g} ms against {record['backend']}'s "
+                      f"{secs[record['backend']] * 1e3:.3g} ms ({record['date']})")
     return out
 
 

@@ -39,7 +39,7 @@ class Capabilities:
     max_keyframes_per_frame: int | None = None       # J (search ops)
     max_tokens: int | None = None                    # S
     auto: bool = True                                # whether `auto` may pick it at all
-    auto_cpu_isas: tuple[str, ...] | None = None     # only with these tokenflow._C CPU kernels (None: any)
+    auto_cpu_isas: tuple[str, ...] | None = None     # unmeasured auto: only with these tokenflow._C CPU kernels
     auto_note: str = ""                              # why auto passes it over (when it does)
     device_note: str = ""                            # appended to a device mismatch
     dtype_note: str = ""                             # appended to a dtype mismatch
@@ -69,11 +69,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 @functools.lru_cache(maxsize=1)
 def cpu_isa() -> str | None:
     """The instruction-set variant tokenflow._C's CPU kernel runs in this process (None: not built)."""
-    try:
-        from tokenflow import _C
-    except ImportError:
-        return None
-    return _C.build_info()["cpu_isa"]
+    from tokenflow.ops.native import _C
+    return _C.build_info()["cpu_isa"] if _C is not None else None
 
 
 def device_words(devices) -> str:
@@ -155,11 +152,12 @@ def why_not_here(caps: Capabilities, backend: str, op: str, device: torch.device
             or _dtype_rule(caps, backend, op, "the model", dtype, device))
 
 
-def why_not_auto(caps: Capabilities) -> str | None:
-    """None if `auto` may pick the backend in this process, else why it passes it over."""
+def why_not_auto(caps: Capabilities, measured: bool = False) -> str | None:
+    """None if `auto` may pick the backend in this process, else why it passes it over. `measured`: auto
+    times the candidates (autotune.py), so the CPU-kernel rule, a measurement made elsewhere, is moot."""
     if not caps.auto:
         return f"auto never picks it ({caps.auto_note})" if caps.auto_note else "auto never picks it"
-    if caps.auto_cpu_isas is not None and cpu_isa() not in caps.auto_cpu_isas:
+    if not measured and caps.auto_cpu_isas is not None and cpu_isa() not in caps.auto_cpu_isas:
         return (f"auto skips it with the {cpu_isa() or 'unbuilt'} CPU kernel (it needs "
                 f"{' or '.join(caps.auto_cpu_isas)}): {caps.auto_note}")
     return None
@@ -193,7 +191,7 @@ def _auto_words(caps: Capabilities) -> str:
     if not caps.auto:
         return "no"
     if caps.auto_cpu_isas is not None:
-        return "with the " + " or ".join(caps.auto_cpu_isas) + " CPU kernel"
+        return "yes; unmeasured, only with the " + " or ".join(caps.auto_cpu_isas) + " CPU kernel"
     return "yes"
 
 

@@ -1,9 +1,12 @@
-"""Build driver: the Python package plus the native extension tokenflow._C from csrc/ (CMakeLists.txt).
+"""Build driver of tokenflow-ops: the kernels package plus the native extension tokenflow._C from the
+repository's csrc/ (CMakeLists.txt at the repository root, two folders up).
 
 build_ext runs CMake (with ninja when it is there) instead of setuptools' own compiler calls. The
-extension is optional in the sense that matters to users: if it cannot be built (no C++ compiler, a
-broken toolchain) the package still installs, a warning says why, and the `cpu` / `cuda` backends of
-`tokenflow.ops` report themselves unavailable while the others work. TOKENFLOW_CUDA=auto|on|off picks
+extension is optional in the sense that matters to users: if it cannot be built (pybind11 or CMake
+missing, as with `pip install --no-build-isolation` in an environment without them, no C++ compiler, a
+broken toolchain) the package still installs, one line says why, the reason is kept next to the package
+(`tokenflow/_C_not_built.txt`) for `tokenflow.ops.backends.why_unavailable("cpu")`, and the `cpu` /
+`cuda` backends report themselves unavailable while the others work. TOKENFLOW_CUDA=auto|on|off picks
 the CUDA half (docs/build.md); with `auto` a failed CUDA build falls back to a CPU-only extension.
 
 Environment: TOKENFLOW_CUDA (auto), TOKENFLOW_CUDA_ARCHS (CMake's CMAKE_CUDA_ARCHITECTURES, default
@@ -20,8 +23,10 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: CMakeLists.txt, csrc/
+NOT_BUILT = "_C_not_built.txt"  # beside the module; tokenflow/ops/native.py reads it
 CUDA_MODES = ("auto", "on", "off")
 
 
@@ -69,9 +74,12 @@ def _describe(err: BaseException) -> str:
     return str(err)
 
 
-def _banner(lines: list[str]) -> None:
-    bar = "=" * 78
-    print("\n".join(["", bar, *("tokenflow: " + line for line in lines), bar, ""]), file=sys.stderr, flush=True)
+class MissingTool(RuntimeError):
+    """A build tool is absent: no point retrying CPU-only."""
+
+
+def _warn(line: str) -> None:
+    print(f"tokenflow-ops: WARNING: {line}", file=sys.stderr, flush=True)
 
 
 class CMakeBuild(build_ext):
@@ -80,34 +88,42 @@ class CMakeBuild(build_ext):
             return super().build_extension(ext)
         mode = os.environ.get("TOKENFLOW_CUDA", "auto").strip().lower()
         if mode not in CUDA_MODES:
-            raise SystemExit(f"tokenflow: TOKENFLOW_CUDA must be one of {', '.join(CUDA_MODES)}; got {mode!r}")
+            raise SystemExit(f"tokenflow-ops: TOKENFLOW_CUDA must be one of {', '.join(CUDA_MODES)}; got {mode!r}")
         # A module left by an earlier build must not pass for this one if this one fails (an in-tree build
         # directory, or the in-place copy of an editable install).
-        Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+        module = Path(self.get_ext_fullpath(ext.name))
+        module.unlink(missing_ok=True)
+        note = module.parent / NOT_BUILT
+        note.unlink(missing_ok=True)
         try:
             self._cmake_build(ext, mode)
+            return
         except (subprocess.CalledProcessError, OSError, RuntimeError) as err:
             first = _describe(err)
             if mode == "on":  # asked for CUDA explicitly: fail loudly rather than install without it
-                raise SystemExit(f"tokenflow: building the native extension with TOKENFLOW_CUDA=on failed: {first}")
-            if mode == "auto":
-                _banner([f"the CUDA build failed ({first});",
-                         "retrying CPU-only (TOKENFLOW_CUDA=off). Build with -v to see the compiler output."])
+                raise SystemExit(f"tokenflow-ops: building the native extension with TOKENFLOW_CUDA=on failed: {first}")
+            if mode == "auto" and not isinstance(err, MissingTool):
+                _warn(f"the CUDA build failed ({first}); retrying CPU-only (TOKENFLOW_CUDA=off)")
                 try:
                     self._cmake_build(ext, "off", off_reason=f"the CUDA build failed at install time ({first})")
                     return
                 except (subprocess.CalledProcessError, OSError, RuntimeError) as second:
                     first = _describe(second)
-            _banner([f"the native extension tokenflow._C was NOT built: {first}",
-                     "tokenflow installs and runs without it (backends torch / triton / faiss); the cpu and cuda",
-                     "backends report themselves unavailable. See docs/build.md; rebuild with",
-                     "`pip install -v -e .` to see the compiler output."])
+        reason = f"the native extension tokenflow._C was not built at install time: {first}"
+        _warn(f"{reason}; installing without it (the cpu and cuda backends will be unavailable; docs/build.md)")
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(reason + "\n")
 
     def _cmake_build(self, ext: Extension, mode: str, off_reason: str | None = None) -> None:
+        try:
+            import pybind11  # a build requirement: pyproject.toml [build-system]
+        except ImportError:
+            raise MissingTool("pybind11 is not installed (pip's build isolation installs it; with "
+                              "--no-build-isolation, `pip install pybind11 cmake ninja` first)") from None
         cmake = _find_tool("cmake")
         if cmake is None:
-            raise RuntimeError("cmake not found (pip's build isolation installs it from pyproject's build-system)")
-        import pybind11  # a build requirement: pyproject.toml [build-system]
+            raise MissingTool("cmake not found (pip's build isolation installs it; with --no-build-isolation, "
+                              "`pip install cmake` first)")
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / f"cmake-{mode}"
@@ -145,7 +161,13 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but {built} is missing (suffix {sysconfig.get_config_var('EXT_SUFFIX')})")
 
 
+class NoSdist(sdist):
+    def run(self):  # the sources are two folders up, outside what an sdist of this folder can hold
+        raise SystemExit("tokenflow-ops: no sdist; build a wheel from the repository checkout "
+                         "(`pip wheel ./packaging/tokenflow-ops` or `pip install ./packaging/tokenflow-ops`)")
+
+
 setup(
     ext_modules=[CMakeExtension("tokenflow._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "sdist": NoSdist},
 )
