@@ -24,13 +24,13 @@ def clip(n: int) -> torch.Tensor:
 
 
 def config(cache: str, pairs: list[str]):
+    """The tests' tiny edit, with `key=value` pairs (YAML values) on top."""
+    import yaml
+
     from tokenflow.config import EditConfig
     kw = dict(prompt="a red car", model="tiny-random", batch_size=4, n_inversion_steps=2, n_timesteps=2,
               cache_dir=cache, resume=False)
-    for p in pairs:
-        k, v = p.split("=", 1)
-        kw[k] = type(kw[k])(v) if k in kw and kw[k] is not None and not isinstance(kw[k], bool) else \
-            (v == "1" if k in kw and isinstance(kw[k], bool) else int(v) if v.isdigit() else v)
+    kw.update((k, yaml.safe_load(v)) for k, v in (p.split("=", 1) for p in pairs))
     return EditConfig(**kw)
 
 
@@ -71,7 +71,8 @@ def main() -> int:
         ranks.agree()
         inject(editor, ranks.rank)
         res = editor.edit(job, progress=False)
-        mine = {"latents": res.latents, "frames": [res.part.start, res.part.stop], "comm": res.comm}
+        mine = {"latents": res.latents, "frames": [res.part.start, res.part.stop], "comm": res.comm,
+                "resumed": res.resumed_steps, "reused": res.inversion_reused}
         if ranks.leader:
             mine["all_frames"] = in_memory(res.frames)
             ranks.finish()

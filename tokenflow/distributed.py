@@ -18,7 +18,8 @@ job; the edit equals one process's, up to the regrouping of floating-point sums 
   first group blends it (`RankPart.exchange`). Group passes, DDIM steps and checkpoints are local.
 - Decode and write: each rank decodes its own frames; rank 0 writes the video, receiving the other ranks'
   frames in order, a few at a time, while the writer consumes them (`RankFrames`).
-- Faults: collectives give up after TOKENFLOW_DIST_TIMEOUT seconds (default 1800); a rank that fails says
+- Faults: collectives give up after TOKENFLOW_DIST_TIMEOUT seconds (default 1800; the setup, until every rank
+  has loaded the model and read the video, waits at least 1800 s); a rank that fails says
   why in one line and exits, a lost peer ends the other ranks' collectives with an error (`LostRank`), and
   torchrun stops whatever is left. Finished inversion chunks and every rank's last two edit steps stay in
   the store, so a rerun resumes (the edit with the same number of ranks, the inversion with any).
@@ -28,7 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import time
+import sys
 from typing import TYPE_CHECKING
 
 from tokenflow.errors import TokenFlowError
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 TIMEOUT_ENV = "TOKENFLOW_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800  # a rank may wait this long for the slowest one (an inversion chunk, the writer)
+# Until every rank has loaded the model and read the video (which may take one rank much longer than another),
+# collectives wait at least this long whatever the timeout.
+SETUP_TIMEOUT_S = 1800
 FRAMES_PER_MESSAGE = 16  # decoded frames per message to rank 0's writer (12 MB at 512x512)
 _SEND, _DONE = 1, 0
 
@@ -95,7 +99,9 @@ class Ranks:
         self.comm_device = None  # where the default group's tensors must be (set by join())
         self.joined = False
         self.agreed = False  # past the setup: every rank's inputs and settings were found good
-        self._host = None
+        self.backend = None
+        self._host = None  # gloo group of the host-side messages (None: the default group)
+        self.group = None  # the work's device group (after the agreement: the timeout of TOKENFLOW_DIST_TIMEOUT)
 
     @classmethod
     def from_env(cls) -> "Ranks":
@@ -128,6 +134,7 @@ class Ranks:
                                  f"cuda (each rank takes GPU LOCAL_RANK) or cpu", key="device")
         if device == "cuda" and not torch.cuda.is_available():
             raise TokenFlowError("device 'cuda' was asked for but no CUDA GPU is available; use cpu", key="device")
+        setup = max(timeout(), datetime.timedelta(seconds=SETUP_TIMEOUT_S))
         if use_cuda:
             n = torch.cuda.device_count()
             if self.local_rank >= n:
@@ -136,12 +143,15 @@ class Ranks:
                                   f"--nproc-per-node {n}), or use --device cpu", speak=self.local_rank == n)
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl", timeout=timeout(), device_id=self.device)
-            self._host = dist.new_group(backend="gloo", timeout=timeout())
+            self.backend = "nccl"
+            dist.init_process_group("nccl", timeout=setup, device_id=self.device)
+            self._host = dist.new_group(backend="gloo", timeout=setup)
             self.comm_device = self.device
         else:
             self.device = torch.device("cpu")
-            dist.init_process_group("gloo", timeout=timeout())
+            self.backend = "gloo"
+            dist.init_process_group("gloo", timeout=setup)
+            self.comm_device = self.device
         self.joined = True
         return self
 
@@ -208,13 +218,17 @@ class Ranks:
         rank's setup failed, all stop together, rank 0 saying why (SetupFailed); nothing has been run yet."""
         if not self.distributed or self.agreed:
             return
+        import torch.distributed as dist
+
         errors = self.all_gather_object(error, "the setup")
         self.agreed = True
         failed = {}
         for r, e in enumerate(errors):
             if e:
                 failed.setdefault(e, []).append(r)
-        if not failed:
+        if not failed:  # the work: groups whose collectives give up after TOKENFLOW_DIST_TIMEOUT
+            self.group = self._collective("the setup", dist.new_group, backend=self.backend, timeout=timeout())
+            self._host = self._collective("the setup", dist.new_group, backend="gloo", timeout=timeout())
             return
         if not self.leader:
             raise SetupFailed(None)
@@ -360,7 +374,8 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 def launch(nproc: int, module: str, argv: list[str]) -> int:
     """Run `python -m module argv` as `nproc` ranks on this node with torch.distributed.run (torchrun's
-    launcher); its exit code: the first failing rank's (130 when interrupted)."""
+    launcher); its exit code: 0, the largest a failing rank returned (2: a problem the user can fix), or 130
+    when interrupted."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -368,15 +383,19 @@ def launch(nproc: int, module: str, argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv])
-    started = time.perf_counter()
     try:
         run(args)
     except ChildFailedError as e:
-        first = min(e.failures.values(), key=lambda f: (f.timestamp or started, f.local_rank))
         codes = [f.exitcode for f in e.failures.values()]
         if any(c in (-2, 130) for c in codes):
             return 130
-        return first.exitcode if first.exitcode > 0 else 1
+        for f in sorted(e.failures.values(), key=lambda f: f.local_rank):
+            # A rank killed by a signal said nothing (torchrun stops the others, with SIGTERM, before they notice).
+            if f.exitcode < 0 and f.signal_name() != "SIGTERM":
+                print(f"tokenflow-edit: error: rank {f.local_rank}/{nproc} was killed by {f.signal_name()} (out of host "
+                      f"memory, or killed from outside); the other ranks were stopped. Finished inversion chunks and "
+                      f"edit steps are kept in the latent store: run again to resume", file=sys.stderr, flush=True)
+        return max([c for c in codes if c > 0] or [1])  # 2 when a rank found a problem the user can fix
     except KeyboardInterrupt:
         return 130
     return 0

@@ -49,12 +49,13 @@ class Comm:
 
     def _all_gather(self, out: torch.Tensor, send: torch.Tensor) -> None:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        self.ranks._collective("the keyframe pass", gather, out, send)
+        self.ranks._collective("the keyframe pass", gather, out, send, group=self.ranks.group)
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
         r = self.ranks.rank
-        p2p = ([dist.P2POp(dist.isend, send, r + 1)] if send is not None else []) + \
-              ([dist.P2POp(dist.irecv, recv, r - 1)] if recv is not None else [])
+        g = self.ranks.group
+        p2p = ([dist.P2POp(dist.isend, send, r + 1, group=g)] if send is not None else []) + \
+              ([dist.P2POp(dist.irecv, recv, r - 1, group=g)] if recv is not None else [])
         for req in self.ranks._collective("the keyframe pass", dist.batch_isend_irecv, p2p):
             self.ranks._collective("the keyframe pass", req.wait)
 
@@ -243,6 +244,7 @@ class DistributedEditor(TokenFlowEditor):
 
     def invert(self, frames, cfg=None, *, progress: bool = True, depth=None, _timings: dict | None = None) -> Inversion:
         job = self._job(frames, cfg, depth)
+        self.ranks.agree()  # (the CLI agrees earlier, right after its setup)
         if len(job.parts) != self.ranks.world:
             raise TokenFlowError(f"the job was prepared for {len(job.parts)} rank(s), this run has {self.ranks.world}")
         cfg, ranks, m = job.cfg, self.ranks, self.models
@@ -292,6 +294,11 @@ class DistributedEditor(TokenFlowEditor):
             f"the ranks share the inversion through the latent store, but {what} in {store.path} could not be "
             f"written or read by every rank: the store must be one folder all ranks can read and write, with room "
             f"(--cache-dir on a shared filesystem; see the warnings above)", key="cache_dir")
+
+    def edit(self, frames, cfg=None, *, progress: bool = True, depth=None, inversion=None) -> EditResult:
+        job = self._job(frames, cfg, depth)
+        self.ranks.agree()
+        return super().edit(job, progress=progress, inversion=inversion)
 
     def _part(self, job: EditJob) -> Part:
         counts = [len(p) for p in job.parts]
