@@ -123,11 +123,16 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int
                                                _heads_first(values[sel], heads), scale=scale)
             out[i] = o.transpose(1, 2).reshape(S, C)
         return out
-    # As the reference backend (tokenflow.ops.reference): float32 on the CPU, the native dtype on GPUs.
-    dt = torch.float32 if q.device.type == "cpu" else q.dtype
+    # As the reference backend (tokenflow.ops.reference): float32 on the CPU, whose math backend also needs the
+    # queries in blocks (it materialises the logits); on GPUs the native dtype, and one fused call.
+    cpu = q.device.type == "cpu"
+    dt = torch.float32 if cpu else q.dtype
     qf, kf, vf = (_heads_first(t.to(dt), heads) for t in (q, keys, values))
-    o = torch.cat([F.scaled_dot_product_attention(qf[:, :, i:i + ATTN_BLOCK_QUERIES], kf, vf, scale=scale)
-                   for i in range(0, qf.shape[2], ATTN_BLOCK_QUERIES)], dim=2)
+    if cpu and qf.shape[2] > ATTN_BLOCK_QUERIES:
+        o = torch.cat([F.scaled_dot_product_attention(qf[:, :, i:i + ATTN_BLOCK_QUERIES], kf, vf, scale=scale)
+                       for i in range(0, qf.shape[2], ATTN_BLOCK_QUERIES)], dim=2)
+    else:
+        o = F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
     return o.transpose(1, 2).reshape(k, S, C).to(values.dtype)
 
 

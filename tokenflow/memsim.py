@@ -25,6 +25,7 @@ CUDA context (a few hundred MB), so a GPU's `max_memory_allocated` reads somewha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.peak_at = ""  # the op and the pass kind at the peak, for reports
+        self.peak_in: dict[str, int] = {}  # the peak while each pass kind ran
         self.where = lambda: ""
         self._sizes: dict[int, int] = {}
 
@@ -70,9 +72,12 @@ class LiveBytes(TorchDispatchMode):
             self._sizes[key] = n
             self.live += n
             weakref.finalize(st, self._free, key, n)
+        where = self.where()
+        if self.live > self.peak_in.get(where, 0):
+            self.peak_in[where] = self.live
         if self.live > self.peak:
             self.peak = self.live
-            self.peak_at = f"{func} ({self.where()})"
+            self.peak_at = f"{func} ({where})"
         return out
 
 
@@ -115,6 +120,7 @@ class SimulatedMemory:
     keyframes: int = 0  # its own keyframes
     gathered_bytes_per_step: int = 0  # keys and values it would receive per keyframe pass
     boundary_bytes_per_step: int = 0  # records of the previous rank's last keyframe it would receive
+    peak_in: dict = dataclasses.field(default_factory=dict)  # pass kind (keyframe, group) -> its peak bytes
 
     @property
     def total_bytes(self) -> int:
@@ -216,4 +222,5 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
     per_step = {} if comm is None else {k: getattr(comm.stats, k) // max(comm.stats.steps, 1)
                                         for k in ("gathered_bytes", "boundary_bytes")}
     return SimulatedMemory(tracker.peak, weights_bytes(unet), tracker.peak_at, rank or 0, frames, len(part.groups),
-                           per_step.get("gathered_bytes", 0), per_step.get("boundary_bytes", 0))
+                           per_step.get("gathered_bytes", 0), per_step.get("boundary_bytes", 0),
+                           {k: v for k, v in tracker.peak_in.items() if k in ("keyframe", "group")})
