@@ -283,3 +283,70 @@ def test_split_groups_is_contiguous_and_even():
     assert split_groups(3, 3, 4) == [range(0, 1), range(1, 2), range(2, 3)]
     with pytest.raises(TokenFlowError, match="use at most 2 ranks"):
         split_groups(2, 3, 4)
+
+
+@pytest.mark.slow  # two CPU ranks of the tiny model
+def test_bench_pipeline_nproc_smoke(tmp_path):
+    """bench/bench_pipeline.py --nproc: the simulated per-rank figures always, measured ones from real ranks (here gloo
+    on the CPU: it checks the script, the timings mean nothing)."""
+    import json
+
+    out = tmp_path / "ranks.json"
+    r = run([sys.executable, DRIVER.parents[1] / "bench" / "bench_pipeline.py", "--smoke", "--nproc", "2", "--json", out,
+             "--markdown", tmp_path / "ranks.md"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    sim, meas = row["simulated"], row["measured"]
+    assert row["ranks"] == 2 and sim["rank_keyframes"] == 3 and sim["gathered_bytes_per_step"] > 0
+    assert [rec["frames"] for rec in meas["per_rank"]] == [12, 7]
+    # what the ranks counted in the edit (2 steps) against the simulation of one step without Q/K injection
+    assert 0 < meas["received_bytes_per_step_max"] <= sim["gathered_bytes_per_step"]
+    assert meas["scaling_efficiency"] is None  # no 1-rank run to compare with
+    assert "| 19 | 2 | 3 of 5 |" in (tmp_path / "ranks.md").read_text()
+
+
+def test_records_reserve_the_received_keyframe_in_front():
+    from tokenflow.state import KeyframeRecords
+
+    rec = KeyframeRecords(lead=1)
+    f, o = torch.randn(3, 5, 8), torch.randn(3, 3, 5, 8)
+    rec.put_feats("l", f)
+    rec.put_out("l", o)
+    last_f, last_o = rec.last("l")
+    assert torch.equal(last_f, f[-1:]) and torch.equal(last_o, o[:, -1:])
+    pf, po = torch.randn(1, 5, 8), torch.randn(3, 1, 5, 8)
+    rec.fill_lead("l", pf, po)
+    feats, out = rec.take("l", 0, 4, torch.device("cpu"))  # the received keyframe, then this rank's three
+    assert torch.equal(feats, torch.cat([pf, f])) and torch.equal(out, torch.cat([po, o], dim=1))
+    assert rec.layers() == ["l"]
+
+
+class TwoRanks:
+    """all_gather_object of rank 0 of two, the other rank's values given in turn."""
+
+    def __init__(self, others: list):
+        self.others, self.rank, self.world = list(others), 0, 2
+
+    def all_gather_object(self, obj, what=""):
+        return [obj, self.others.pop(0)]
+
+
+@pytest.mark.parametrize("other_latest, other_has, want", [(0, True, 0), (1, True, 1), (-1, True, None), (0, False, None)],
+                         ids=["other a step behind", "same step", "other has none", "other lost its step"])
+def test_rank_checkpoints_resume_at_the_step_every_rank_holds(tmp_path, other_latest, other_has, want):
+    """This rank saved steps 0 and 1 (its two files); the other rank's saves are at most one step behind. All
+    resume at the latest step every rank holds, or restart together."""
+    from tokenflow.distributed_edit import RankCheckpoint
+    from tokenflow.editing import Part
+    from tokenflow.latent_store import LatentStore
+
+    store = LatentStore(tmp_path, {"k": 1}, 8)
+    ck = RankCheckpoint(store, {"prompt": "x"}, Part(range(0, 2), range(0, 8), 0), TwoRanks([other_latest, other_has]))
+    x0, x1 = torch.randn(8, 4, 2, 2), torch.randn(8, 4, 2, 2)
+    ck.save(0, x0)
+    ck.save(1, x1)
+    got = ck.load()
+    if want is None:
+        assert got is None and ck.step() is None
+    else:
+        assert got[0] == want and torch.equal(got[1], (x0, x1)[want])
