@@ -196,6 +196,8 @@ def test_nproc_beyond_the_gpus_is_refused(monkeypatch):
         check_nproc(3, None)
     check_nproc(2, None)
     check_nproc(8, "cpu")  # CPU ranks: any number
+    with pytest.raises(TokenFlowError, match="--nproc 0 must be at least 1"):
+        check_nproc(0, "cpu")
     # Under torchrun with more processes than GPUs: the first rank without one says so, the others stay quiet.
     for local, speaks in ((2, True), (3, False)):
         with pytest.raises(LaunchError) as e:

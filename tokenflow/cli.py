@@ -411,20 +411,22 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = split_command(argv)
     args = build_parser(command).parse_args(rest)
     from tokenflow import distributed
-    if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         try:  # the settings' problems and a count this machine cannot run, before any process starts
             distributed.check_nproc(args.nproc, resolve(args)[0].device)
         except TokenFlowError as e:
             _fail(_describe(e))
-        return distributed.launch(args.nproc, "tokenflow.cli", distributed.without_nproc(argv))
+        if args.nproc > 1:
+            return distributed.launch(args.nproc, "tokenflow.cli", distributed.without_nproc(argv))
     _setup_logging(args)
     try:
         return run(command, args)
     except TokenFlowError as e:
         _fail(_describe(e), getattr(e, "exit_code", 2), e)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; no partial output is left (finished inversion chunks stay in the latent "
-              f"store and are reused by the next run)", file=sys.stderr)
+        if distributed.current().leader:
+            print(f"\n{PROG}: interrupted; no partial output is left (finished inversion chunks stay in the latent "
+                  f"store and are reused by the next run)", file=sys.stderr)
         return 130
     except MemoryError:
         _fail("out of host memory: select fewer frames (--frames, --stride) or a smaller size (--width/--height)", 1)
