@@ -19,9 +19,9 @@ job; the edit equals one process's, up to the regrouping of floating-point sums 
 - Decode and write: each rank decodes its own frames; rank 0 writes the video, receiving the other ranks'
   frames in order, a few at a time, while the writer consumes them (`RankFrames`).
 - Faults: collectives give up after TOKENFLOW_DIST_TIMEOUT seconds (default 1800; the setup, until every rank
-  has loaded the model and read the video, waits at least 1800 s); a rank that fails says
-  why in one line and exits, a lost peer ends the other ranks' collectives with an error (`LostRank`), and
-  torchrun stops whatever is left. Finished inversion chunks and every rank's last two edit steps stay in
+  has loaded the model and read the video, waits at least 1800 s); a rank that fails says why in one line and
+  exits, a lost peer ends the other ranks' collectives with an error (`LostRank`), and torchrun stops whatever
+  is left. Finished inversion chunks and every rank's last two edit steps stay in
   the store, so a rerun resumes (the edit with the same number of ranks, the inversion with any).
 """
 from __future__ import annotations
@@ -102,6 +102,7 @@ class Ranks:
         self.backend = None
         self._host = None  # gloo group of the host-side messages (None: the default group)
         self.group = None  # the work's device group (after the agreement: the timeout of TOKENFLOW_DIST_TIMEOUT)
+        self._limit = None  # the timeout of the collectives now (the setup's, then the work's)
 
     @classmethod
     def from_env(cls) -> "Ranks":
@@ -134,7 +135,7 @@ class Ranks:
                                  f"cuda (each rank takes GPU LOCAL_RANK) or cpu", key="device")
         if device == "cuda" and not torch.cuda.is_available():
             raise TokenFlowError("device 'cuda' was asked for but no CUDA GPU is available; use cpu", key="device")
-        setup = max(timeout(), datetime.timedelta(seconds=SETUP_TIMEOUT_S))
+        setup = self._limit = max(timeout(), datetime.timedelta(seconds=SETUP_TIMEOUT_S))
         if use_cuda:
             n = torch.cuda.device_count()
             if self.local_rank >= n:
@@ -168,10 +169,12 @@ class Ranks:
             return fn(*args, **kwargs)
         except RuntimeError as e:  # gloo and NCCL report a lost peer or a timeout as RuntimeError (DistError)
             first = " ".join(str(e).split())[:200]
+            limit = (self._limit or timeout()).total_seconds()
             raise LostRank(f"lost contact with the other ranks during {what} ({first}): another rank stopped "
-                           f"(its own message says why) or did not answer within {timeout().total_seconds():g} s "
-                           f"({TIMEOUT_ENV}); finished inversion chunks and edit steps are kept in the latent store: "
-                           f"run again to resume") from None
+                           f"(its own message says why) or did not answer within {limit:g} s ({TIMEOUT_ENV}"
+                           f"{'; the setup waits at least %d s' % SETUP_TIMEOUT_S if not self.agreed else ''}); "
+                           f"finished inversion chunks and edit steps are kept in the latent store: run again to "
+                           f"resume") from None
 
     def all_gather_object(self, obj, what: str = "an exchange") -> list:
         import torch.distributed as dist
@@ -229,6 +232,7 @@ class Ranks:
         if not failed:  # the work: groups whose collectives give up after TOKENFLOW_DIST_TIMEOUT
             self.group = self._collective("the setup", dist.new_group, backend=self.backend, timeout=timeout())
             self._host = self._collective("the setup", dist.new_group, backend="gloo", timeout=timeout())
+            self._limit = timeout()
             return
         if not self.leader:
             raise SetupFailed(None)
@@ -308,8 +312,6 @@ class RankFrames:
     [n, 3, H, W] that can be iterated more than once (the video, then the side-by-side, then the PNGs): its own
     frames, then each other rank's, received a few at a time as they are consumed, so rank 0 never holds
     the other ranks' frames all at once."""
-
-    streamed = True
 
     def __init__(self, own: torch.Tensor, counts: list[int], ranks: Ranks):
         self.own, self.counts, self.ranks = own, counts, ranks

@@ -40,7 +40,7 @@ class CommStats:
 
 
 class Comm:
-    """The keyframe pass's collectives on the default group (NCCL on GPUs, gloo on the CPU), counted."""
+    """The keyframe pass's collectives on the work's device group (NCCL on GPUs, gloo on the CPU), counted."""
 
     def __init__(self, ranks: Ranks, counts: list[int]):
         self.ranks, self.counts = ranks, counts
