@@ -12,10 +12,23 @@ before every UNet call) at the same settings and dtype.
     python bench/bench_pipeline.py --frames 40 120 --inversion-steps 50 --baseline \
         --json bench/results/pipeline_h100.json --markdown bench/results/pipeline_h100.md
     python bench/bench_pipeline.py --smoke      # tiny model on the CPU: checks the script, measures nothing
+
+`--nproc N [N ...]`: one video on N ranks (tokenflow.distributed; README "Several GPUs"). Per rank count and video
+length: each rank's seconds per stage, peak GPU memory and bytes received per keyframe pass, and the scaling
+efficiency T(1 rank) / (N x T(N ranks)) of the edit and the inversion, measured with torchrun where the machine
+has N GPUs ("not measured" elsewhere); always the simulated per-rank peak (tokenflow.memsim, the busiest rank,
+under the planner's per-rank plan for --gpu-gib), the simulated bytes gathered per step, and a FLOP-balance
+efficiency from tokenflow.costmodel (modelled: compute only, communication not included).
+
+    python bench/bench_pipeline.py --nproc 1 2 4 8 --frames 1000 4000 --json bench/results/ranks_sim.json \
+        --markdown bench/results/ranks_sim.md
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,12 +132,21 @@ def main(argv=None):
     p.add_argument("--baseline", action="store_true", help="also run the reference's compute pattern")
     p.add_argument("--baseline-max-frames", type=int, default=120, help="the baseline runs out of memory beyond")
     p.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes, CPU: checks the script only")
+    p.add_argument("--nproc", type=int, nargs="+", help="ranks per run (see the module docstring)")
+    p.add_argument("--gpu-gib", type=float, default=78.0, help="--nproc: the GPU memory the simulated plans assume")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one rank of a --nproc measurement
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.frames, args.inversion_steps, args.steps = "tiny-random", [10], [2], 2
         args.batch_size, args.size, args.dtype = 4, 64, "float32"
+        if args.nproc:
+            args.frames = [19]
+    if args.worker:
+        return rank_worker(args)
+    if args.nproc:
+        return ranks_main(args, argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
@@ -177,6 +199,185 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         out.append(f"| {r['frames']} | {r['inversion_steps']} | {r['mode']} | {r['stage']} | {fmt(r['seconds'])} | "
                    f"{fmt(r['peak_gpu_mem_gib'])} | {fmt(r.get('simulated_peak_gib'))} | {fmt(r['tflop'], 1)} | "
                    f"{fmt(r['mfu'])} |")
+    return "\n".join(out) + "\n"
+
+
+
+# -- several ranks (--nproc) -------------------------------------------------------------------------
+
+def rank_worker(args) -> None:
+    """One rank under torchrun: invert and edit the textured video, write this rank's figures to args.worker."""
+    from tokenflow.distributed import join
+    from tokenflow.distributed_edit import editor_for
+
+    cuda = torch.cuda.is_available()
+    ranks = join(None if cuda else "cpu")
+    cfg = EditConfig(prompt="a watercolor painting", model=args.model, batch_size=args.batch_size, n_timesteps=args.steps,
+                     n_inversion_steps=args.inversion_steps[0], dtype=args.dtype, resume=False,
+                     cache_dir=str(args.worker / "cache"))
+    try:
+        editor = editor_for(cfg, ranks)
+        job = editor.prepare(textured_video(args.frames[0], args.size), cfg)
+        ranks.agree()
+        dev = editor.models.device
+        seconds, peaks = {}, {}
+
+        def timed(stage, fn):
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            out = fn()
+            if cuda:
+                torch.cuda.synchronize(dev)
+            seconds[stage] = time.perf_counter() - t0
+            peaks[stage] = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
+            return out
+        inv = timed("invert", lambda: editor.invert(job, progress=False))
+        res = timed("edit", lambda: editor.edit(job, progress=False, inversion=inv))
+        record = {"rank": ranks.rank, "world": ranks.world, "frames": len(getattr(res, "part", job.frames)),
+                  "seconds": seconds, "stages": res.timings, "peak_gpu_mem_gib": peaks,
+                  "received_bytes_per_step": getattr(res, "comm", {}), "memory_plan": job.memory.describe()}
+        (args.worker / f"rank{ranks.rank}.json").write_text(json.dumps(record))
+        if ranks.leader:
+            ranks.finish()
+        else:
+            ranks.serve_frames(res.frames)
+    finally:
+        ranks.close()
+
+
+def measure_ranks(n: int, frames: int, args) -> list[dict]:
+    """Run n ranks with torchrun on this machine; every rank's record."""
+    out = Path(tempfile.mkdtemp(prefix="tokenflow-ranks-"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
+           "--worker", str(out), "--model", args.model, "--frames", str(frames), "--inversion-steps",
+           str(args.inversion_steps[0]), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--size", str(args.size), "--dtype", args.dtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if r.returncode != 0:
+        raise SystemExit(f"{n} ranks failed:\n{r.stderr[-3000:]}")
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(n)]
+
+
+def simulate_ranks(meta_models, frames: int, n: int, args, dtype) -> dict:
+    """The busiest rank under the planner's per-rank plan, on the meta device (tokenflow.memsim)."""
+    from tokenflow.keyframes import make_groups, split_groups
+    from tokenflow.planner import plan_for
+
+    vae, _, te, unet, sched = meta_models
+    weights = weights_bytes(vae, te, unet)
+    h = w = args.size // 8
+    groups = make_groups(frames, args.batch_size, False)
+    parts = split_groups(len(groups), n, args.batch_size)
+    most = max(len(p) for p in parts)
+    plan = plan_for(unet, dtype, h, w, keyframes=most + (n > 1), gathered_keyframes=n * most if n > 1 else 0,
+                    batch_size=args.batch_size, chunk_frames=None, max_gpu_mem=None,
+                    free=int(args.gpu_gib * 2**30) - weights, allocated=weights)
+    t0 = time.perf_counter()
+    sim = simulate_edit(unet.config, frames=frames, height=args.size, width=args.size, chunk_frames=plan.frames_per_call,
+                        batch_size=args.batch_size, offload_records=plan.offload_records, dtype=dtype,
+                        scheduler_config=sched, world=n, qk_injection=False)  # the later steps: more keys gathered
+    vae_peak = simulate_vae(vae.config, frames=plan.vae_frames_per_call, height=args.size, width=args.size,
+                            dtype=dtype)["decode"]
+    G = 2**30
+    return {"rank": sim.rank, "rank_frames": sim.frames, "rank_keyframes": sim.keyframes, "keyframes": len(groups),
+            "frames_per_call": plan.frames_per_call, "records_offloaded": plan.offload_records,
+            "planner_estimate_gib": round(plan.estimate / G, 3),
+            "keyframe_pass_peak_gib": round(sim.peak_in.get("keyframe", 0) / G, 3),
+            "group_pass_peak_gib": round(sim.peak_in.get("group", 0) / G, 3),
+            "edit_step_peak_with_weights_gib": round((sim.peak_bytes + weights) / G, 3),
+            "vae_decode_peak_with_weights_gib": round((vae_peak + weights) / G, 3),
+            "gathered_bytes_per_step": sim.gathered_bytes_per_step, "boundary_bytes_per_step": sim.boundary_bytes_per_step,
+            "simulation_s": round(time.perf_counter() - t0, 1)}
+
+
+def modelled_efficiency(frames: int, n: int, args) -> dict:
+    """T(1) / (n x T(busiest rank)) from the cost model's FLOP per rank (compute only)."""
+    from tokenflow.keyframes import make_groups, split_groups
+
+    scale = (args.size / 512) ** 2
+    groups = make_groups(frames, args.batch_size, False)
+    K = len(groups)
+    per_rank = [costmodel.rank_step_flops(groups[p.stop - 1].stop - groups[p.start].start, len(p), K, first=p.start == 0,
+                                          B=args.batch_size, scale=scale)
+                for p in split_groups(K, n, args.batch_size)]
+    one = costmodel.rank_step_flops(frames, K, K, B=args.batch_size, scale=scale)
+    return {"edit_step_tflop_busiest_rank": round(max(per_rank) / 1e12, 1),
+            "edit_flop_efficiency": round(one / (n * max(per_rank)), 3)}
+
+
+def ranks_main(args, argv) -> list[dict]:
+    from tokenflow.tiny import SD21_RANDOM, build_tiny_models
+
+    dtype = resolve_dtype(args.dtype, torch.device("cuda"))
+    meta = build_tiny_models(args.model if args.model != "sd21-random" else SD21_RANDOM, device="meta")
+    for m in meta[0], meta[2], meta[3]:
+        torch.nn.Module.to(m, dtype)
+    gpus = torch.cuda.device_count()
+    rows, measured_one = [], {}
+    for frames in args.frames:
+        for n in args.nproc:
+            row = {"frames": frames, "ranks": n, "simulated": simulate_ranks(meta, frames, n, args, dtype),
+                   "modelled": modelled_efficiency(frames, n, args)}
+            if n <= gpus or (args.smoke and not gpus):
+                recs = measure_ranks(n, frames, args)
+                slowest = {st: max(r["seconds"][st] for r in recs) for st in ("invert", "edit")}
+                if n == 1:
+                    measured_one[frames] = slowest
+                base = measured_one.get(frames)
+                row["measured"] = {
+                    "device": "CPU (gloo)" if not gpus else torch.cuda.get_device_name(), "per_rank": recs,
+                    "seconds_slowest_rank": slowest,
+                    "peak_gpu_mem_gib_max": max((r["peak_gpu_mem_gib"]["edit"] or 0) for r in recs) if gpus else None,
+                    "received_bytes_per_step_max": max((r["received_bytes_per_step"].get("gathered_bytes", 0) for r in recs)),
+                    "scaling_efficiency": None if base is None else
+                    {st: round(base[st] / (n * slowest[st]), 3) for st in ("invert", "edit")}}
+            else:
+                row["measured"] = "not measured"
+            rows.append(row)
+            sim = row["simulated"]
+            print(f"{frames} frames, {n} rank(s): simulated peak {sim['edit_step_peak_with_weights_gib']:.2f} GiB "
+                  f"(keyframe pass {sim['keyframe_pass_peak_gib']:.2f}), gathered {sim['gathered_bytes_per_step'] / 2**20:.0f} "
+                  f"MiB/step; measured: {'yes' if isinstance(row['measured'], dict) else 'not measured'}", flush=True)
+    meta_info = environment(command=" ".join(["python", "bench/bench_pipeline.py", *(argv or sys.argv[1:])]))
+    meta_info.update(model=args.model, dtype=args.dtype, size=args.size, batch_size=args.batch_size, steps=args.steps,
+                     inversion_steps=args.inversion_steps[0], smoke=args.smoke, simulated_budget_gib=args.gpu_gib,
+                     simulated="the 'simulated' fields: tokenflow.memsim on the meta device, not a GPU measurement",
+                     modelled="the 'modelled' fields: FLOP counts of tokenflow.costmodel, communication not included")
+    if args.json:
+        write_json(args.json, {"meta": meta_info, "rows": rows})
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(ranks_markdown(meta_info, rows))
+    return rows
+
+
+def ranks_markdown(meta: dict, rows: list[dict]) -> str:
+    out = [f"# One video on several ranks, {meta['device']} ({meta['date']})", "",
+           f"Command: `{meta['command']}`; model {meta['model']} ({meta['dtype']}), {meta['size']}x{meta['size']}, "
+           f"B = {meta['batch_size']}. Simulated columns: `tokenflow.memsim` (meta device, the busiest rank, the "
+           f"planner's per-rank plan for a {meta['simulated_budget_gib']:g} GiB GPU, a step without Q/K injection: "
+           f"four gathered rows per layer), not measured on a GPU. Modelled: "
+           f"FLOP balance from `tokenflow.costmodel`, communication not included.", "",
+           "| frames | ranks | keyframes per rank | frames per call | records offloaded | keyframe pass peak (sim., GiB) | "
+           "group pass peak (sim., GiB) | edit step peak with weights (sim., GiB) | gathered per step (sim., MiB) | "
+           "edit FLOP efficiency (modelled) | edit s, slowest rank (measured) | peak GPU GiB (measured) | "
+           "scaling efficiency edit / invert (measured) |", "|" + "---|" * 13]
+    for r in rows:
+        s, m = r["simulated"], r["measured"]
+        if isinstance(m, dict):
+            eff = m["scaling_efficiency"]
+            meas = [f"{m['seconds_slowest_rank']['edit']:.1f}",
+                    "n/a (CPU)" if m["peak_gpu_mem_gib_max"] is None else f"{m['peak_gpu_mem_gib_max']:.2f}",
+                    "n/a (no 1-rank run)" if eff is None else f"{eff['edit']:.2f} / {eff['invert']:.2f}"]
+        else:
+            meas = ["not measured"] * 3
+        out.append(f"| {r['frames']} | {r['ranks']} | {s['rank_keyframes']} of {s['keyframes']} | {s['frames_per_call']} | "
+                   f"{'yes' if s['records_offloaded'] else 'no'} | {s['keyframe_pass_peak_gib']:.2f} | "
+                   f"{s['group_pass_peak_gib']:.2f} | {s['edit_step_peak_with_weights_gib']:.2f} | "
+                   f"{s['gathered_bytes_per_step'] / 2**20:.0f} | {r['modelled']['edit_flop_efficiency']:.2f} | "
+                   + " | ".join(meas) + " |")
     return "\n".join(out) + "\n"
 
 

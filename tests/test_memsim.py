@@ -113,3 +113,43 @@ def test_planner_flags_and_an_impossible_budget(caplog):
     # Inversion runs one row per frame: three times the frames of an edit call in the same budget.
     edit, invert = (planned(unet, keyframes=k, max_gpu_mem=6, allocated=w) for k in (1, 0))
     assert invert.frames_per_call >= 2 * edit.frames_per_call > 0
+
+
+@pytest.mark.slow  # two simulations of 512 and 768 frames on the meta device
+def test_a_ranks_gathered_keys_match_the_planner_constant():
+    # One rank of 32 or of 48 with the same 8 keyframes of its own (groups of 2: 16 frames each): once the keys and
+    # values gathered from every rank dominate its keyframe pass, each more keyframe in the video costs the planner's
+    # constant (two fp16 rows at the first level) per latent token per first-level channel.
+    from tokenflow.planner import GATHERED_BYTES_PER_TOKEN_CHANNEL
+
+    sims = [simulate_edit(SD21_UNET_CONFIG, frames=16 * w, batch_size=2, height=512, width=512, chunk_frames=8,
+                          offload_records=True, world=w, qk_injection=False) for w in (32, 48)]
+    assert [s.keyframes for s in sims] == [8, 8] and all("keyframe" in s.peak_at for s in sims)
+    per = (sims[1].peak_in["keyframe"] - sims[0].peak_in["keyframe"]) / (16 * 8 * 64 * 64 * 320)
+    assert abs(per - GATHERED_BYTES_PER_TOKEN_CHANNEL) / GATHERED_BYTES_PER_TOKEN_CHANNEL < 0.05, per
+
+
+@pytest.mark.parametrize("ranks", [4])
+def test_per_rank_plans_stay_within_the_budget_in_simulation(ranks):
+    # 1000 frames (125 keyframes) under --max-gpu-mem 20: the busiest rank's simulated step fits the planner's
+    # per-rank estimate (its keyframes, the one it receives, the gathered keys), which is not wasteful either.
+    from tokenflow.keyframes import split_groups
+    from tokenflow.memsim import meta_unet
+    from tokenflow.planner import GATHERED_BYTES_PER_TOKEN_CHANNEL
+
+    unet = meta_unet(SD21_UNET_CONFIG)
+    weights = 2.4 * GiB
+    most = max(len(p) for p in split_groups(125, ranks, 8))
+    plan = plan_for(unet, torch.float16, 64, 64, keyframes=most + 1, gathered_keyframes=ranks * most, batch_size=8,
+                    chunk_frames=None, max_gpu_mem=20, free=70 * GiB, allocated=int(weights))
+    sim = simulate_edit(SD21_UNET_CONFIG, frames=1000, height=512, width=512, chunk_frames=plan.frames_per_call,
+                        offload_records=plan.offload_records, world=ranks, qk_injection=False)
+    assert sim.keyframes == most  # the busiest rank: the most keyframes (counting the one it receives)
+    assert sim.peak_bytes <= plan.estimate <= 1.4 * sim.peak_bytes
+    # Its keyframe pass: between one process's over its own keyframes and one process's over those and the one it
+    # receives plus the two gathered rows of every rank's keyframes.
+    own, with_received = (simulate_edit(SD21_UNET_CONFIG, frames=8 * k, height=512, width=512,
+                                        chunk_frames=plan.frames_per_call, offload_records=plan.offload_records,
+                                        qk_injection=False).peak_in["keyframe"] for k in (most, most + 1))
+    gathered = GATHERED_BYTES_PER_TOKEN_CHANNEL * ranks * most * 64 * 64 * 320
+    assert own <= sim.peak_in["keyframe"] <= with_received + gathered

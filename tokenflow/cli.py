@@ -5,6 +5,7 @@
     tokenflow-edit edit INPUT --prompt "..." [...]       edit with the stored inversion
     tokenflow-edit cache ls|verify|rm|prune [...]        manage the latent store (tokenflow/cache_admin.py)
     tokenflow-edit eval EDITED [--source S --prompt P]   score an edit (tokenflow.metrics.cli)
+    tokenflow-edit --nproc N INPUT ...                   one video on N GPUs (torchrun; tokenflow/distributed.py)
 
 Settings come from three layers: EditConfig's defaults < a YAML file (`--config`, our keys or the
 reference's) < flags. Every EditConfig field gets a flag generated from the dataclass, so flags, config
@@ -78,8 +79,11 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see {PROG} --help)")
 
 
-def _fail(message: str, code: int = 2):
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _fail(message: str, code: int = 2, error: BaseException | None = None):
+    from tokenflow.distributed import current
+    line = current().say(message, error)  # one rank of several says it (None: another rank does)
+    if line is not None:
+        print(f"{PROG}: error: {' '.join(str(line).split())}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -201,6 +205,9 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
     m = p.add_argument_group("messages").add_mutually_exclusive_group()
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: errors and the summary line only")
     m.add_argument("-v", "--verbose", action="store_true", help="also the engine's log")
+    p.add_argument("--nproc", type=int, metavar="N", help="edit the one video with N processes on this node (one GPU "
+                   "each, or the CPU), started with torch.distributed.run; the same as torchrun --nproc-per-node N "
+                   "-m tokenflow.cli ... (default: 1, no launcher)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -343,10 +350,14 @@ def _tiny_warning() -> None:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
+    from tokenflow import distributed
     from tokenflow.video import probe, resize_for
 
-    quiet = args.quiet
     cfg, sel = resolve(args)
+    ranks = distributed.join(cfg.device)  # under torchrun: this rank's device and the process group
+    quiet = args.quiet or not ranks.leader  # rank 0 draws the bars and notes
+    if ranks.distributed:
+        _setup_logging(args, f"{ranks}: ")
     if command != "invert" and not cfg.prompt.strip():
         raise TokenFlowError('the prompt is empty: say what the edited video should show (--prompt "...")')
     src = input_path(sel["input"], data_path=sel.get("data_path", False), quiet=quiet)
@@ -361,7 +372,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         _note(quiet, f"--match-reference: the reference edits square sizes at 512x512, so the {resize.via[0]}x"
                      f"{resize.via[1]} frames are stretched to 512x512 as it did; drop --match-reference to edit "
                      f"at {resize.via[0]}x{resize.via[1]}")
-    outputs = output_paths(args, cfg, src) if command != "invert" else None
+    outputs = output_paths(args, cfg, src) if command != "invert" and ranks.leader else None
     depth_src = input_path(cfg.depth) if cfg.depth else None
     if depth_src is not None:
         probe(depth_src)
@@ -372,13 +383,13 @@ def run(command: str, args: argparse.Namespace) -> int:
         from tokenflow.threads import set_threads
         set_threads(args.threads, lambda msg: _note(quiet, msg))
     tiny = cfg.model in TINY_VARIANTS
-    if tiny:
+    if tiny and ranks.leader:
         _tiny_warning()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     _note(quiet, f"loading model {cfg.model}")
-    from tokenflow.editor import TokenFlowEditor
-    editor = TokenFlowEditor.from_config(cfg)
+    from tokenflow.distributed_edit import editor_for
+    editor = editor_for(cfg, ranks)
     timings["load"] = time.perf_counter() - t0
 
     from tokenflow.video import read_frames
@@ -392,33 +403,45 @@ def run(command: str, args: argparse.Namespace) -> int:
         depth = read_frames(depth_src, start=sel["first_frame"], count=len(frames), stride=sel["stride"],
                             resize=resize, progress=not quiet)
     timings["read"] = time.perf_counter() - t0
+    job = editor.prepare(frames, cfg, depth=depth)
+    ranks.agree()  # several ranks: all start the work, or all stop here with one message
 
     if command == "invert":
         stage: dict[str, float] = {}
-        inv = editor.invert(frames, cfg, progress=not quiet, depth=depth, _timings=stage)
+        inv = editor.invert(job, progress=not quiet, _timings=stage)
+        if not ranks.leader:
+            return 0
         timings.update(stage)
         print(f"{PROG}: inverted {_count(len(frames), 'frame')} {W}x{H} into {inv.path}"
               f"{' (reused: already in the store)' if inv.reused else ''} | {_fmt_timings(timings)}"
               f"{' | tiny-random: MEANINGLESS' if tiny else ''}", flush=True)
         return 0
 
-    res = editor.edit(frames, cfg, progress=not quiet, depth=depth)
+    res = editor.edit(job, progress=not quiet)
+    if not ranks.leader:
+        ranks.serve_frames(res.frames)  # to rank 0's writer, as it asks
+        return 0
     timings.update(res.timings)
     if command == "edit" and not res.inversion_reused:
         _note(quiet, "no inversion of this video with these settings was in the store: it was computed now "
                      "(it depends on model, size, frames, inversion prompt, n_inversion_steps, n_timesteps)")
     from tokenflow.metrics.cli import edit_result
-    metrics = edit_result(args, res.frames, frames[:len(res.frames)], cfg.prompt, timings, quiet)
+    # Several ranks: the frames stream from the other ranks to the writer, unless the metrics need them at once.
+    edited = distributed.in_memory(res.frames) if (args.metrics or args.report) else res.frames
+    metrics = edit_result(args, edited, frames[:len(edited)], cfg.prompt, timings, quiet)
     t0 = time.perf_counter()
     try:
-        write_outputs(outputs, res.frames, frames, cfg, sel, info, src, fps, (W, H), args.crf, timings, quiet, metrics)
+        write_outputs(outputs, edited, frames, cfg, sel, info, src, fps, (W, H), args.crf, timings, quiet, metrics)
     except OSError as e:  # a full disk or a folder made read-only meanwhile: the edit itself is not lost
         e.tokenflow_where = f"the outputs in {outputs.video.parent.resolve()}"  # not the hidden temporary name
         e.tokenflow_note = ("the finished edit is kept in the latent store: the same command run again only "
                             "decodes and writes it" if res.checkpoint is not None else "")
         raise
+    ranks.finish()
     timings["write"] = time.perf_counter() - t0
     peak = "n/a (CPU)" if res.peak_gpu_mem is None else f"{res.peak_gpu_mem / 2**30:.2f} GiB"
+    if ranks.distributed:
+        peak = f"{peak} (most of {ranks.world} ranks)"
     out_fps = fps / sel["stride"]
     was = "was" if res.resumed_steps == 1 else "were"
     resumed = f"edit resumed: {_count(res.resumed_steps, 'step')} {was} already done | "
@@ -433,11 +456,11 @@ def _fps(f: Fraction) -> str:
     return str(f.numerator) if f.denominator == 1 else f"{f} (~{float(f):.3f})"
 
 
-def _setup_logging(args) -> None:
+def _setup_logging(args, prefix: str = "") -> None:
     # Only the package's logger: other libraries keep their own handlers (configuring the root logger
     # would print their messages twice).
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"{PROG}: {prefix}%(message)s"))
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
@@ -481,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     command, rest = split_command(argv)
     args = build_parser(command).parse_args(rest)
+    from tokenflow import distributed
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        try:  # the settings' problems and a count this machine cannot run, before any process starts
+            distributed.check_nproc(args.nproc, resolve(args)[0].device)
+        except TokenFlowError as e:
+            _fail(_describe(e))
+        if args.nproc > 1:
+            return distributed.launch(args.nproc, "tokenflow.cli", distributed.without_nproc(argv))
     _setup_logging(args)
     import threading
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
@@ -488,14 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(command, args)
     except TokenFlowError as e:
-        _fail(_describe(e))
+        _fail(_describe(e), getattr(e, "exit_code", 2), e)
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"\n{PROG}: {how}; no partial output is left (finished inversion chunks and edit steps stay in the "
-              f"latent store and are reused by the next run)", file=sys.stderr)
+        if distributed.current().leader:
+            print(f"\n{PROG}: {how}; no partial output is left (finished inversion chunks and edit steps stay in the "
+                  f"latent store and are reused by the next run)", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except OSError as e:
-        _fail(os_error_line(e), 1)
+        _fail(os_error_line(e), 1, e)
     except MemoryError:
         _fail("out of host memory: select fewer frames (--frames, --stride) or a smaller size (--width/--height)", 1)
     except Exception as e:  # noqa: BLE001 - out of GPU memory is a user matter; anything else is a bug
@@ -506,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
+        distributed.current().close()
     return 0
 
 

@@ -48,3 +48,14 @@ def inversion_flops(N: int, steps: int, scale: float = 1.0) -> float:
 
 def edit_flops(N: int, steps: int = 50, B: int = 8, scale: float = 1.0) -> float:
     return steps * edit_step_flops(N, B, scale=scale)["total"]
+
+
+def rank_step_flops(frames: int, keyframes: int, all_keyframes: int, first: bool = True, B: int = 8,
+                    levels=SD21_LEVELS, scale: float = 1.0) -> float:
+    """FLOP of one denoising step on one rank of a distributed edit (tokenflow.distributed): its `frames` and its
+    `keyframes` through the UNet, its keyframes' extended attention over all `all_keyframes`, its search (the
+    `first` rank's first group has one candidate keyframe). With one rank (frames = N, keyframes = all_keyframes
+    = K) this is edit_step_flops(N)["total"]."""
+    A = attention_sum(levels, scale)
+    return (3 * (keyframes + frames) * UNET_FLOPS_GROUP * scale + 4 * A * (keyframes + 2 * keyframes * all_keyframes)
+            + 2 * A * (2 * frames - (B if first else 0)))

@@ -31,6 +31,29 @@ class EditLoop:
     seed: int
 
 
+@dataclass
+class Part:
+    """The groups this process edits, and so their keyframes and frames: every group in one process; a
+    contiguous range of them on each rank of a distributed edit (tokenflow.distributed.RankPart, which
+    also gathers the other ranks' keys in the keyframe pass and brings the records of the keyframe
+    before its first group in `exchange`)."""
+
+    groups: range  # indices into the loop's groups
+    frames: range  # the frames of those groups: the latents the loop gets and returns are these
+    first_record: int  # index of the first keyframe the records hold (groups.start - 1 after the first rank)
+    solo: bool = True  # False: other processes take part in every keyframe pass, so it cannot be retried alone
+
+    @classmethod
+    def whole(cls, groups: list[range]) -> "Part":
+        return cls(range(len(groups)), range(groups[0].start, groups[-1].stop), 0)
+
+    # Replaces the keyframe pass's extended attention (tokenflow.state.RunSettings.keyframe_attention).
+    keyframe_attention = None
+
+    def exchange(self, records) -> None:
+        """After each keyframe pass: complete the records with the keyframes before `groups` (none here)."""
+
+
 def initial_latents(sched: DDIMScheduler, x0: torch.Tensor, eps: torch.Tensor, t0: int) -> torch.Tensor:
     """x = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps (the reference re-noises; it does not reuse the kept latent)."""
     return sched.add_noise(x0, eps, torch.tensor([t0]))
@@ -42,11 +65,12 @@ def inversion_noise(sched: DDIMScheduler, x0: torch.Tensor, x_T: torch.Tensor, T
     return (x_T - a.sqrt() * x0) / (1 - a).sqrt()
 
 
-def keyframe_pass(hooks: TokenFlowHooks, run, K: int) -> None:
+def keyframe_pass(hooks: TokenFlowHooks, run, K: int, retry: bool = True) -> None:
     """Run a keyframe pass (`run()`), recording into hooks.records. On CUDA OOM: halve the keyframes per
     chunk down to 1, then keep the records in host memory, retrying each time (logged); then give up
     with what to change. Chunking and offloading are exact, so a retried pass gives the same result.
-    What it changed stays in hooks.settings / hooks.records for the rest of the edit (and its report)."""
+    What it changed stays in hooks.settings / hooks.records for the rest of the edit (and its report).
+    retry=False (a distributed edit, whose other ranks are inside the same pass): no retry, the error."""
     settings, records = hooks.settings, hooks.records
     while True:
         records.clear()
@@ -56,6 +80,11 @@ def keyframe_pass(hooks: TokenFlowHooks, run, K: int) -> None:
         except torch.cuda.OutOfMemoryError as e:
             records.clear()
             torch.cuda.empty_cache()
+            if not retry:
+                raise TokenFlowError(
+                    f"CUDA out of memory in the keyframe pass ({K} keyframes on this rank); the other ranks are "
+                    "in the same pass, so it is not retried with smaller chunks: set --chunk-frames lower, "
+                    "lower --max-gpu-mem so the plan leaves room, or add ranks", key="chunk_frames") from e
             chunk = min(settings.keyframes_per_chunk or K, K)
             if chunk > 1:
                 settings.keyframes_per_chunk = chunk // 2
@@ -74,7 +103,7 @@ def keyframe_pass(hooks: TokenFlowHooks, run, K: int) -> None:
 @torch.no_grad()
 def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor, source_at, embs: torch.Tensor,
                  depth: torch.Tensor | None = None, *, group_batches: Batches, progress: bool = True,
-                 checkpoint=None) -> torch.Tensor:
+                 checkpoint=None, part: Part | None = None) -> torch.Tensor:
     """Denoise the edited latents `x` [N, 4, h, w] (host, float32) over `loop.schedule`'s steps.
 
     hooks: the installed TokenFlow processors (tokenflow.processors.install), steered through hooks.state.
@@ -83,6 +112,8 @@ def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor,
     group_batches: groups per group-pass UNet call (halved on CUDA OOM; the caller reads what ran).
     checkpoint: optional tokenflow.latent_store.EditCheckpoint: resume after the step it holds, and save
     the latents after every step.
+    part: the groups this process edits (default: all); `x`, `source_at(t)`, `depth` and the result then
+    hold the frames `part.frames` only.
     Returns the edited latents at t = 0 (host, float32).
     """
     sched = loop.schedule.sampler()
@@ -90,11 +121,12 @@ def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor,
     gen = torch.Generator().manual_seed(loop.seed)
     which_all, weights_all = blend_weights(loop.groups, loop.batch_size)
     dev, dt = models.device, models.dtype
-    G = len(loop.groups)
+    part = part or Part.whole(loop.groups)
+    f0, k0, mine = part.frames.start, part.first_record, part.groups
     st, records = hooks.state, hooks.records
 
     def unet(src: torch.Tensor, lat: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
-        """One UNet call on the triple batch of frames `idx`; returns the guided model output."""
+        """One UNet call on the triple batch of frames `idx` (of this part); returns the guided model output."""
         n = len(idx)
         rows = torch.cat([src[idx], lat[idx], lat[idx]]).to(dev)
         d = None if depth is None else depth[idx].repeat(3, 1, 1, 1).to(dev)
@@ -120,7 +152,9 @@ def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor,
 
             # Keyframe pass: extended attention over all keyframes; records features and outputs.
             st.kind = KEYFRAME
-            keyframe_pass(hooks, lambda: unet(src, x, t, keyframes), len(keyframes))
+            own = keyframes[mine.start:mine.stop] - f0
+            keyframe_pass(hooks, lambda: unet(src, x, t, own), len(own), retry=part.solo)
+            part.exchange(records)
 
             # Group passes: propagation from keyframes g and g-1; several groups may share one call.
             st.kind = GROUP
@@ -129,16 +163,17 @@ def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor,
             def groups_call(first: int, stop: int):  # groups [first, stop) in one UNet call
                 # Offloaded records: copy back only the keyframes these groups blend. On the device: pass
                 # them whole, since a slice of [3, K, S, C] along K is not contiguous and would be copied.
-                lo, hi = (max(first - 1, 0), stop) if records.offload else (0, G)
+                lo, hi = (max(first - 1, 0), stop) if records.offload else (k0, mine.stop)
                 idx = torch.arange(loop.groups[first].start, loop.groups[stop - 1].stop)
                 which = which_all[idx]
-                st.key_lo, st.key_hi = lo, hi
+                st.key_lo, st.key_hi = lo - k0, hi - k0  # records hold keyframes k0, k0 + 1, ...
                 st.which = torch.where(which >= 0, which - lo, which).to(dev)
                 st.weights = weights_all[idx].to(dev)
-                guided = unet(src, x, t, idx)
-                x_next[idx] = sched.step(guided, t, x[idx].to(dev)).prev_sample.to(x_next.device)
+                guided = unet(src, x, t, idx - f0)
+                x_next[idx - f0] = sched.step(guided, t, x[idx - f0].to(dev)).prev_sample.to(x_next.device)
 
-            for _ in group_batches.run(G, groups_call):  # each batch of groups writes its frames of x_next
+            # each batch of groups writes its frames of x_next
+            for _ in group_batches.run(len(mine), lambda a, b: groups_call(mine.start + a, mine.start + b)):
                 pass
             x = x_next
             if checkpoint is not None:

@@ -25,7 +25,7 @@ import torch
 from tokenflow import __version__
 from tokenflow.batches import Batches
 from tokenflow.config import EditConfig
-from tokenflow.editing import edit_latents, initial_latents, inversion_noise
+from tokenflow.editing import Part, edit_latents, initial_latents, inversion_noise
 from tokenflow.errors import TokenFlowError
 from tokenflow.inversion import decode_latents, encode_frames, invert_into_store, model_input, psnr
 from tokenflow.job import EditJob, resolve
@@ -167,28 +167,33 @@ class TokenFlowEditor:
             inversion = self.invert(job, progress=progress, _timings=timings)
         schedule = job.schedule
         sched = schedule.sampler()
-        x0 = inversion.x0
+        part = self._part(job)
+        own = slice(part.frames.start, part.frames.stop)  # every frame, unless this is one rank of several
+        x0 = inversion.x0[own]
         T = schedule.noisiest_kept
         if cfg.mode == "sdedit" and not cfg.use_ddim_noise:
-            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))
+            eps = torch.randn(inversion.x0.shape, generator=torch.Generator().manual_seed(cfg.seed))[own]
         else:
-            eps = inversion_noise(sched, x0, inversion.latents_at(T), T)
+            eps = inversion_noise(sched, x0, inversion.latents_at(T)[own], T)
         x = initial_latents(sched, x0, eps, schedule.sampling[schedule.first_step])
         embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
         plan = job.memory
-        settings = RunSettings(dict(job.backends), cfg.keyframe_window, plan.keyframes_per_chunk)
+        settings = RunSettings(dict(job.backends), cfg.keyframe_window, plan.keyframes_per_chunk,
+                               part.keyframe_attention)
         group_batches = Batches(max(1, plan.frames_per_call // cfg.batch_size), "the group passes", unit="groups")
-        checkpoint = EditCheckpoint(inversion.store, {"tokenflow": __version__,
-                                                       **{k: getattr(cfg, k) for k in EDIT_KEY_FIELDS}})
+        checkpoint = self._checkpoint(inversion.store, {"tokenflow": __version__,
+                                                        **{k: getattr(cfg, k) for k in EDIT_KEY_FIELDS}}, part)
         if not cfg.resume:
             checkpoint.discard()
         done = checkpoint.step()
         resumed = 0 if done is None else max(0, done + 1 - schedule.first_step)
-        with _timed(timings, "edit"), install(m.unet, settings, KeyframeRecords(plan.offload_records)) as hooks:
+        records = KeyframeRecords(plan.offload_records, lead=part.groups.start - part.first_record)
+        depth = None if job.depth is None else job.depth[own]
+        with _timed(timings, "edit"), install(m.unet, settings, records) as hooks:
             self.hooks = hooks
             try:
-                x = edit_latents(m, hooks, job.loop(), x, inversion.latents_at, embs, job.depth,
-                                 group_batches=group_batches, progress=progress, checkpoint=checkpoint)
+                x = edit_latents(m, hooks, job.loop(), x, lambda t: inversion.latents_at(t)[own], embs, depth,
+                                 group_batches=group_batches, progress=progress, checkpoint=checkpoint, part=part)
             finally:
                 self.hooks = None
         with _timed(timings, "decode"):
@@ -197,8 +202,19 @@ class TokenFlowEditor:
             plan, frames_per_call=group_batches.size * cfg.batch_size, keyframes_per_chunk=settings.keyframes_per_chunk,
             vae_frames_per_call=job.vae.size, offload_records=hooks.records.offload)
         peak = torch.cuda.max_memory_allocated(m.device) if m.device.type == "cuda" else None
-        return EditResult(out, x, timings, peak, inversion.reused, inversion.path, ran, resumed,
-                          checkpoint.path if checkpoint.path.is_file() else None)
+        return self._finish(job, part, EditResult(out, x, timings, peak, inversion.reused, inversion.path, ran, resumed,
+                                                      checkpoint.path if checkpoint.path.is_file() else None))
+
+    # -- what a distributed edit changes (tokenflow.distributed.DistributedEditor) ------------------------
+    def _part(self, job: EditJob) -> Part:
+        """The groups this process edits: all of them."""
+        return Part.whole(job.groups)
+
+    def _checkpoint(self, store: LatentStore, key_fields: dict, part: Part) -> EditCheckpoint:
+        return EditCheckpoint(store, key_fields)
+
+    def _finish(self, job: EditJob, part: Part, result: EditResult) -> EditResult:
+        return result
 
 
 @contextmanager

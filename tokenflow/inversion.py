@@ -66,10 +66,13 @@ def ddim_invert(models, x: torch.Tensor, emb: torch.Tensor, schedule: Schedule,
 
 
 def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.Tensor, schedule: Schedule,
-                      depth: torch.Tensor | None, progress: bool) -> int:
-    """Invert every chunk of frames the store lacks; returns the number of chunks inverted."""
+                      depth: torch.Tensor | None, progress: bool, *, todo: list[tuple[int, int]] | None = None,
+                      complete: bool = True) -> int:
+    """Invert every chunk of frames the store lacks (or the chunks `todo`: one rank's share) and, with
+    `complete`, mark the inversion complete; returns the number of chunks inverted."""
     n = len(x0)
-    todo = [(a, b) for a, b in store.chunks(n) if not store.has_chunk(a, b)]
+    if todo is None:
+        todo = [(a, b) for a, b in store.chunks(n) if not store.has_chunk(a, b)]
     done = 0
     steps = len(schedule.inversion)
     # The bar counts the steps asked for, once per chunk of frames (restarted, and named, for each chunk).
@@ -83,7 +86,8 @@ def invert_into_store(models, store: LatentStore, x0: torch.Tensor, emb: torch.T
             store.save_chunk(a, b, kept)
             log.info("inverted frames [%d, %d) into %s", a, b, store.path)
             done += 1
-    store.mark_complete()
+    if complete:
+        store.mark_complete()
     return done
 
 

@@ -15,7 +15,7 @@ from tokenflow.config import EditConfig
 from tokenflow.depth import depth_maps
 from tokenflow.editing import EditLoop
 from tokenflow.errors import TokenFlowError
-from tokenflow.keyframes import make_groups
+from tokenflow.keyframes import make_groups, split_groups
 from tokenflow.ops.backends import BackendError, resolve_forced
 from tokenflow.planner import MemoryPlan, plan_memory
 from tokenflow.schedule import Schedule
@@ -30,11 +30,15 @@ class EditJob:
     memory: MemoryPlan  # as planned; EditResult.memory_plan is what ran
     depth: torch.Tensor | None  # [N, 1, h, w] in [-1, 1] for depth models, host float32
     backends: dict[str, str | None]  # op -> backend forced by cfg.backend (None: auto)
+    # The groups each rank edits (tokenflow.distributed); one range of every group in one process.
+    parts: list[range] | None = None
     # Frames per VAE call, shared by the encode and the decode: an OOM halving in one carries to the other.
     vae: Batches = field(init=False)
 
     def __post_init__(self):
         self.vae = Batches(self.memory.vae_frames_per_call, "the VAE")
+        if self.parts is None:
+            self.parts = [range(len(self.groups))]
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -57,17 +61,20 @@ def check_frames(frames) -> None:
                              f"resize to {W // 8 * 8}x{H // 8 * 8} (the CLI does this for you)")
 
 
-def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None) -> EditJob:
+def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None, *,
+            ranks: int = 1) -> EditJob:
     """Validate and resolve everything one edit needs on `models` (see the module docstring).
 
     depth: optional depth frames ([N, 1|3, H', W'], any numeric dtype) for a depth model; without them a
-    depth model's estimator makes the maps."""
+    depth model's estimator makes the maps. ranks: processes sharing the edit (tokenflow.distributed): the
+    groups are split between them and the memory plan is one rank's (the busiest)."""
     cfg.validate()
     check_frames(frames)
     if cfg.n_frames is not None:
         frames = frames[:cfg.n_frames]
     groups = make_groups(len(frames), cfg.batch_size, cfg.match_reference)
     frames = frames[:groups[-1].stop]
+    parts = split_groups(len(groups), ranks, cfg.batch_size)
     schedule = Schedule.build(models.scheduler_config, n_inversion_steps=cfg.n_inversion_steps,
                               n_timesteps=cfg.n_timesteps, mode=cfg.mode, start=cfg.start,
                               pnp_attn_t=cfg.pnp_attn_t, pnp_f_t=cfg.pnp_f_t)
@@ -80,8 +87,10 @@ def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor |
         raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
                              f"sd2-community/stable-diffusion-2-depth); {models.name} is not one", key="mode")
     h, w = frames.shape[2] // 8, frames.shape[3] // 8
-    memory = plan_memory(models, h, w, keyframes=len(groups), batch_size=cfg.batch_size,
-                         chunk_frames=cfg.chunk_frames, max_gpu_mem=cfg.max_gpu_mem)
+    most = max(len(p) for p in parts)  # a rank also records the keyframe before its groups, and gathers every key
+    memory = plan_memory(models, h, w, keyframes=most + (ranks > 1), batch_size=cfg.batch_size,
+                         chunk_frames=cfg.chunk_frames, max_gpu_mem=cfg.max_gpu_mem,
+                         gathered_keyframes=ranks * most if ranks > 1 else 0)
     maps = depth_maps(models, frames, depth, memory.vae_frames_per_call) if models.is_depth else None
-    return EditJob(cfg, frames, groups, schedule, memory, maps, backends)
+    return EditJob(cfg, frames, groups, schedule, memory, maps, backends, parts)
 

@@ -19,6 +19,18 @@ def make_groups(n_frames: int, batch_size: int, match_reference: bool) -> list[r
     return [range(s, min(s + batch_size, n_frames)) for s in range(0, n_frames, batch_size)]
 
 
+def split_groups(n_groups: int, ranks: int, batch_size: int) -> list[range]:
+    """Contiguous ranges of group indices, one per rank, as even as possible (the first ranks take one more).
+    Every rank needs a group: its keyframe is its share of the keyframe pass."""
+    if n_groups < ranks:
+        raise TokenFlowError(f"{ranks} ranks share {n_groups} group(s) of {batch_size} frames: every rank needs at "
+                             f"least one group (a keyframe of its own); use at most {n_groups} ranks, a smaller "
+                             f"--batch-size, or more frames", key="batch_size")
+    base, extra = divmod(n_groups, ranks)
+    bounds = [r * base + min(r, extra) for r in range(ranks + 1)]
+    return [range(bounds[r], bounds[r + 1]) for r in range(ranks)]
+
+
 def draw_keyframes(groups: list[range], batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """One keyframe per group, as the reference: randint(B, (K,)) + group starts, one draw per step.
 

@@ -9,7 +9,10 @@ device holds is modelled as a fused backend would allocate it on a GPU:
   - PyTorch SDPA is replaced by an output-sized allocation plus a float32 log-sum-exp per row (flash and
     memory-efficient attention; the meta kernel would materialise the [L, L] matrix);
   - offloaded keyframe records live outside the tracked device memory, and each group pass's window
-    of them is a tracked copy, as the host-to-device copy is on a GPU.
+    of them is a tracked copy, as the host-to-device copy is on a GPU;
+  - one rank of a distributed edit (`world` > 1, tokenflow.distributed): only its frames and keyframes run,
+    and the collectives allocate what they would receive (the all-gathered keys and values of every
+    rank's keyframes, the previous rank's last keyframe's records) without communicating.
 
 Not modelled: the CUDA caching allocator's rounding and fragmentation, cuBLAS / cuDNN workspaces and the
 CUDA context (a few hundred MB), so a GPU's `max_memory_allocated` reads somewhat higher and
@@ -22,6 +25,7 @@ CUDA context (a few hundred MB), so a GPU's `max_memory_allocated` reads somewha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -46,6 +50,7 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.peak_at = ""  # the op and the pass kind at the peak, for reports
+        self.peak_in: dict[str, int] = {}  # the peak while each pass kind ran
         self.where = lambda: ""
         self._sizes: dict[int, int] = {}
 
@@ -67,9 +72,12 @@ class LiveBytes(TorchDispatchMode):
             self._sizes[key] = n
             self.live += n
             weakref.finalize(st, self._free, key, n)
+        where = self.where()
+        if self.live > self.peak_in.get(where, 0):
+            self.peak_in[where] = self.live
         if self.live > self.peak:
             self.peak = self.live
-            self.peak_at = f"{func} ({self.where()})"
+            self.peak_at = f"{func} ({where})"
         return out
 
 
@@ -77,8 +85,10 @@ class HostRecords(KeyframeRecords):
     """Offloaded records in a simulation: kept outside the tracked memory, windows copied in (tracked)."""
 
     def _keep(self, key, t):
+        shape = list(t.shape)
+        shape[0 if key[1] == "feats" else 1] += self.lead
         with _disable_current_modes():
-            return torch.empty(t.shape, dtype=t.dtype, device=META)
+            return torch.empty(shape, dtype=t.dtype, device=META)
 
     def take(self, layer, lo, hi, device):
         f, o = super().take(layer, lo, hi, device)
@@ -105,6 +115,12 @@ class SimulatedMemory:
     peak_bytes: int  # activations, records and inputs alive at once during the simulated work
     weights_bytes: int  # the UNet's parameters and buffers (the VAE and text encoder are not counted)
     peak_at: str  # the op and the pass (keyframe / group) where the peak was reached
+    rank: int = 0  # the rank simulated (world > 1)
+    frames: int = 0  # the frames it edits
+    keyframes: int = 0  # its own keyframes
+    gathered_bytes_per_step: int = 0  # keys and values it would receive per keyframe pass
+    boundary_bytes_per_step: int = 0  # records of the previous rank's last keyframe it would receive
+    peak_in: dict = dataclasses.field(default_factory=dict)  # pass kind (keyframe, group) -> its peak bytes
 
     @property
     def total_bytes(self) -> int:
@@ -152,12 +168,15 @@ def simulate_vae(vae_config, *, frames: int, height: int, width: int,
 @torch.no_grad()
 def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_frames: int, batch_size: int = 8,
                   offload_records: bool = False, dtype: torch.dtype = torch.float16,
-                  qk_injection: bool = True, steps: int = 1, scheduler_config: dict | None = None) -> SimulatedMemory:
+                  qk_injection: bool = True, steps: int = 1, scheduler_config: dict | None = None,
+                  world: int = 1, rank: int | None = None) -> SimulatedMemory:
     """Peak device memory of `steps` PnP editing steps of a `frames`-frame video at height x width pixels,
-    with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`)."""
+    with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`).
+    world > 1: of one rank of a distributed edit (`rank`, default the busiest: the most keyframes, counting
+    the one it receives), whose peak is reported."""
     from tokenflow.batches import Batches
-    from tokenflow.editing import EditLoop, edit_latents
-    from tokenflow.keyframes import make_groups
+    from tokenflow.editing import EditLoop, Part, edit_latents
+    from tokenflow.keyframes import make_groups, split_groups
     from tokenflow.models import Models
     from tokenflow.processors import install
     from tokenflow.schedule import Schedule
@@ -169,9 +188,20 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
     n = max(steps, 1)
     schedule = Schedule.build(sched, n_inversion_steps=n, n_timesteps=n, pnp_attn_t=1.0 if qk_injection else 0.0,
                               pnp_f_t=1.0)
-    records = HostRecords(offload=True) if offload_records else KeyframeRecords()
-    hooks = install(unet, RunSettings(keyframes_per_chunk=chunk_frames), records)
-    loop = EditLoop(make_groups(frames, batch_size, False), batch_size, 7.5, schedule, seed=0)
+    groups = make_groups(frames, batch_size, False)
+    part, comm = Part.whole(groups), None
+    if world > 1:
+        from tokenflow.distributed_edit import simulated_part
+        parts = split_groups(len(groups), world, batch_size)
+        if rank is None:
+            rank = max(range(world), key=lambda r: (len(parts[r]) + (r > 0), -r))
+        part, comm = simulated_part(groups, parts, rank)
+    lead = part.groups.start - part.first_record
+    records = HostRecords(offload=True, lead=lead) if offload_records else KeyframeRecords(lead=lead)
+    hooks = install(unet, RunSettings(keyframes_per_chunk=chunk_frames, keyframe_attention=part.keyframe_attention),
+                    records)
+    loop = EditLoop(groups, batch_size, 7.5, schedule, seed=0)
+    frames = len(part.frames)
     group_batches = Batches(max(1, chunk_frames // batch_size), "the group passes", unit="groups")
     h, w = height // 8, width // 8
     c_in = unet.config.in_channels
@@ -186,6 +216,11 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
             x = torch.empty(frames, 4, h, w, device=META)
             src = torch.empty(frames, 4, h, w, device=META)
             embs = torch.empty(3, 77, cross, device=META, dtype=dtype)
-        edit_latents(models, hooks, loop, x, lambda t: src, embs, depth, group_batches=group_batches, progress=False)
+        edit_latents(models, hooks, loop, x, lambda t: src, embs, depth, group_batches=group_batches, progress=False,
+                     part=part)
     hooks.remove()
-    return SimulatedMemory(tracker.peak, weights_bytes(unet), tracker.peak_at)
+    per_step = {} if comm is None else {k: getattr(comm.stats, k) // max(comm.stats.steps, 1)
+                                        for k in ("gathered_bytes", "boundary_bytes")}
+    return SimulatedMemory(tracker.peak, weights_bytes(unet), tracker.peak_at, rank or 0, frames, len(part.groups),
+                           per_step.get("gathered_bytes", 0), per_step.get("boundary_bytes", 0),
+                           {k: v for k, v in tracker.peak_in.items() if k in ("keyframe", "group")})

@@ -11,6 +11,10 @@ at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulatio
   - the keyframe records, exactly (records_bytes), on the GPU unless offloaded to host memory;
   - the VAE, which runs on its own (nothing else held): 1536 bytes per pixel per frame (sim: decoder 1536,
     encoder 1280; 0.375 GiB per 512x512 frame, twice a UNet frame of three rows).
+  - on a rank of a distributed edit (tokenflow.distributed), the keyframe pass holds its own keyframes (the
+    two terms above for them, and their records plus the one before them) and, one attention layer at a
+    time, the keys and values of every rank's keyframes for one branch: two rows of every keyframe at the
+    first level, 4 bytes per token per channel (exact: two fp16 rows).
 The planner fills 70% of the budget, for allocator fragmentation and library workspaces (not simulated).
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ log = logging.getLogger("tokenflow")
 
 BYTES_PER_TOKEN_CHANNEL = 48
 KEYFRAME_BYTES_PER_TOKEN_CHANNEL = 24
+GATHERED_BYTES_PER_TOKEN_CHANNEL = 4
 VAE_BYTES_PER_PIXEL = 1536
 FILL = 0.7
 CPU_CHUNK_FRAMES = 8
@@ -78,14 +83,18 @@ class CallPlan:
 
 
 def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_size: int,
-             chunk_frames: int | None, max_gpu_mem: float | None, free: int, allocated: int) -> CallPlan:
+             chunk_frames: int | None, max_gpu_mem: float | None, free: int, allocated: int,
+             gathered_keyframes: int = 0) -> CallPlan:
     """Edit calls (keyframes > 0: three rows per frame, the keyframe pass and its records) or inversion
     calls (keyframes = 0: one row per frame) for latents h x w within the budget. `chunk_frames` (the
-    user's --chunk-frames) fixes the frames per call instead."""
+    user's --chunk-frames) fixes the frames per call instead. `gathered_keyframes`: on a rank of a
+    distributed edit, the keyframes whose keys and values the keyframe pass gathers from every rank
+    (`keyframes` is then the rank's own, plus the one before them)."""
     scale = h * w * unet.config["block_out_channels"][0] * torch.finfo(dtype).bits // 16
     rows = 3 if keyframes else 1
     per_frame = rows * BYTES_PER_TOKEN_CHANNEL * scale
-    keyframe_pass = keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL * scale
+    keyframe_pass = (keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL
+                     + gathered_keyframes * GATHERED_BYTES_PER_TOKEN_CHANNEL) * scale
     records = records_bytes(unet, keyframes, h, w, dtype)
     per_keyframe_records = records // max(keyframes, 1)
     usable, total = budget(max_gpu_mem, free, allocated)
@@ -117,9 +126,9 @@ def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_
 
 
 def plan_memory(models, h: int, w: int, *, keyframes: int, batch_size: int, chunk_frames: int | None,
-                max_gpu_mem: float | None) -> MemoryPlan:
+                max_gpu_mem: float | None, gathered_keyframes: int = 0) -> MemoryPlan:
     """The edit's and the inversion's plan on this device's free memory; on the CPU, fixed counts and no
-    offload (host memory is not planned)."""
+    offload (host memory is not planned). `gathered_keyframes`: see `plan_for`."""
     if models.device.type != "cuda":
         n = chunk_frames or max(CPU_CHUNK_FRAMES, batch_size)
         return MemoryPlan(n, n, n, n, False)
@@ -127,7 +136,8 @@ def plan_memory(models, h: int, w: int, *, keyframes: int, batch_size: int, chun
     allocated = torch.cuda.memory_allocated(models.device)
     common = dict(batch_size=batch_size, chunk_frames=chunk_frames, max_gpu_mem=max_gpu_mem, free=free,
                   allocated=allocated)
-    edit = plan_for(models.unet, models.dtype, h, w, keyframes=keyframes, **common)
+    edit = plan_for(models.unet, models.dtype, h, w, keyframes=keyframes, gathered_keyframes=gathered_keyframes,
+                    **common)
     inversion = plan_for(models.unet, models.dtype, h, w, keyframes=0, **common)
     plan = MemoryPlan(edit.frames_per_call, edit.frames_per_call, inversion.frames_per_call,
                       edit.vae_frames_per_call, edit.offload_records, edit.estimate)

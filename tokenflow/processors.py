@@ -51,7 +51,10 @@ class TokenFlowSelfAttention:
         k = attn.to_k(qk_rows).view(-1, K, S, C)
         v = attn.to_v(h).view(3, K, S, C)
         backend = settings.backends.get("extended_attention")
-        if settings.keyframe_window:
+        if settings.keyframe_attention is not None:
+            out = settings.keyframe_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale,
+                                              window=settings.keyframe_window, backend=backend)
+        elif settings.keyframe_window:
             out = windowed_extended_attention(q, k, v, attn.heads, shared_qk=shared, scale=attn.scale,
                                               window=settings.keyframe_window, backend=backend)
         else:

@@ -8,6 +8,7 @@ group passes of the same step).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -21,10 +22,14 @@ class KeyframeRecords:
     `out` [3, K, S, C], the self-attention outputs of the three branches. Lifetime: cleared at the
     start of each step's keyframe pass, read by that step's group passes. With `offload`, records
     live in (pinned) host memory and `take()` copies just the keyframes one UNet call needs.
+    `lead` keyframes are reserved in front of the recorded ones and filled by `fill_lead` (a rank of a
+    distributed edit puts the previous rank's last keyframe there: tokenflow.distributed), so `take()`
+    still returns one contiguous window.
     """
 
-    def __init__(self, offload: bool = False):
+    def __init__(self, offload: bool = False, lead: int = 0):
         self.offload = offload
+        self.lead = lead
         self._feats: dict[str, torch.Tensor] = {}
         self._out: dict[str, torch.Tensor] = {}
         self._pinned: dict[tuple[str, str], torch.Tensor] = {}  # reused every step: pinning is slow
@@ -34,6 +39,18 @@ class KeyframeRecords:
         self._out.clear()
 
     def _keep(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
+        if self.lead:
+            dim = 0 if key[1] == "feats" else 1  # feats [K, S, C], out [3, K, S, C]
+            shape = list(t.shape)
+            shape[dim] += self.lead
+            if self.offload and t.device.type != "cpu":
+                host = self._pinned.get(key)
+                if host is None or list(host.shape) != shape or host.dtype != t.dtype:
+                    host = self._pinned[key] = torch.empty(shape, dtype=t.dtype, pin_memory=True)
+            else:
+                host = t.new_empty(shape)
+            host.narrow(dim, self.lead, t.shape[dim]).copy_(t, non_blocking=True)
+            return host
         if not self.offload or t.device.type == "cpu":
             # A slice (feats are the source rows of norm1's [3K, S, C] output) would keep its whole
             # storage alive for the rest of the step: keep a compact copy instead.
@@ -50,6 +67,20 @@ class KeyframeRecords:
 
     def put_out(self, layer: str, out: torch.Tensor) -> None:
         self._out[layer] = self._keep((layer, "out"), out)
+
+    def layers(self) -> list[str]:
+        """The layers recorded, in the order the keyframe pass ran them (the same on every rank)."""
+        return list(self._feats)
+
+    def last(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feats [1, S, C], out [3, 1, S, C]) of the last recorded keyframe of `layer`."""
+        return self._feats[layer][-1:], self._out[layer][:, -1:]
+
+    def fill_lead(self, layer: str, feats: torch.Tensor, out: torch.Tensor) -> None:
+        """Put `feats` [lead, S, C] and `out` [3, lead, S, C] in the rows reserved in front of `layer`'s records."""
+        f, o = self._feats[layer], self._out[layer]
+        f[:self.lead].copy_(feats.to(f.device, non_blocking=True))
+        o[:, :self.lead].copy_(out.to(o.device, non_blocking=True))
 
     def take(self, layer: str, lo: int, hi: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(feats[lo:hi], out[:, lo:hi]) on `device`."""
@@ -70,6 +101,9 @@ class RunSettings:
     backends: dict[str, str | None] = field(default_factory=dict)  # op -> forced backend (absent: auto)
     keyframe_window: int | None = None  # opt-in windowed extended attention (tokenflow.windowed)
     keyframes_per_chunk: int | None = None  # per-row modules of the keyframe pass in chunks (tokenflow.chunking)
+    # Replaces the keyframe pass's extended attention, same arguments as tokenflow.windowed's (a rank of a
+    # distributed edit attends over every rank's keyframes: tokenflow.distributed); None: this process's own.
+    keyframe_attention: Callable | None = None
 
 
 @dataclass
