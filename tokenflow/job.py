@@ -1,4 +1,5 @@
-"""One edit resolved once: frames, groups, schedule, memory plan, depth and backends, from frames and config.
+"""One edit resolved once: frames, groups, schedule, memory plan, depth, ControlNet condition maps and backends,
+from frames and config.
 
 `TokenFlowEditor.prepare(frames, cfg)` builds an `EditJob`; `invert(job)` and `edit(job)` take it, so
 nothing is validated, planned or estimated twice. Everything that can be wrong with the inputs is found
@@ -29,6 +30,7 @@ class EditJob:
     memory: MemoryPlan  # as planned; EditResult.memory_plan is what ran
     depth: torch.Tensor | None  # [N, 1, h, w] in [-1, 1] for depth models, host float32
     backends: dict[str, str]  # op -> backend forced by cfg.backend (absent: auto)
+    control: object = None  # tokenflow.control.ControlMaps in mode controlnet (settings, condition maps)
     # Frames per VAE call, shared by the encode and the decode: an OOM halving in one carries to the other.
     vae: Batches = field(init=False)
 
@@ -56,11 +58,15 @@ def check_frames(frames) -> None:
                              f"resize to {W // 8 * 8}x{H // 8 * 8} (the CLI does this for you)")
 
 
-def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None) -> EditJob:
+def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None,
+            control=None) -> EditJob:
     """Validate and resolve everything one edit needs on `models` (see the module docstring).
 
     depth: optional depth frames ([N, 1|3, H', W'], any numeric dtype) for a depth model; without them a
-    depth model's estimator makes the maps."""
+    depth model's estimator makes the maps.
+    control: mode controlnet's given condition maps (tokenflow.control.prepare): a tensor, or a list with a
+    tensor or None per ControlNet; the others are made as `cfg.control` says. The ControlNets are loaded
+    and checked against the model here, before any work."""
     cfg.validate()
     check_frames(frames)
     if cfg.n_frames is not None:
@@ -74,11 +80,21 @@ def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor |
     if cfg.mode == "depth" and not models.is_depth:
         raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
                              f"sd2-community/stable-diffusion-2-depth); {models.name} is not one", key="mode")
+    if control is not None and cfg.mode != "controlnet":
+        raise TokenFlowError("condition maps were given but mode is not controlnet", key="mode")
+    nets = []
+    if cfg.mode == "controlnet":
+        from tokenflow.control import controlnets, resolve_spec
+        nets = controlnets(models, resolve_spec(cfg, models), cfg.controlnet_config)  # mismatches fail here
     h, w = frames.shape[2] // 8, frames.shape[3] // 8
     memory = plan_memory(models, h, w, keyframes=len(groups), batch_size=cfg.batch_size,
-                         chunk_frames=cfg.chunk_frames, max_gpu_mem=cfg.max_gpu_mem)
+                         chunk_frames=cfg.chunk_frames, max_gpu_mem=cfg.max_gpu_mem, controlnets=nets)
     maps = depth_maps(models, frames, depth, memory.vae_frames_per_call) if models.is_depth else None
-    return EditJob(cfg, frames, groups, schedule, memory, maps, backends)
+    ctrl = None
+    if cfg.mode == "controlnet":
+        from tokenflow.control import prepare
+        ctrl = prepare(models, cfg, frames, control, memory.vae_frames_per_call)
+    return EditJob(cfg, frames, groups, schedule, memory, maps, backends, ctrl)
 
 
 def forced_backends(name: str, device: torch.device, dtype: torch.dtype) -> dict[str, str]:

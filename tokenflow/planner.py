@@ -12,6 +12,13 @@ at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulatio
   - the VAE, which runs on its own (nothing else held): 1536 bytes per pixel per frame (sim: decoder 1536,
     encoder 1280; 0.375 GiB per 512x512 frame, twice a UNet frame of three rows).
 The planner fills 70% of the budget, for allocator fragmentation and library workspaces (not simulated).
+
+SDXL (fitted the same way at 1024x1024, its native size; tests/test_memsim.py) has its own constants: its
+first level (320 channels, 4x SD's tokens at 1024) has no attention, so per first-level channel a row
+holds less than in SD. ControlNets (tokenflow/control.py) add, per row of a call, the residuals the UNet
+receives (the size of its skip connections, zero rows included) and the ControlNet's own activations
+while it runs; several ControlNets add into one set of residuals, so the count hardly matters beyond
+their weights (which the planner finds already allocated).
 """
 from __future__ import annotations
 
@@ -25,6 +32,25 @@ log = logging.getLogger("tokenflow")
 BYTES_PER_TOKEN_CHANNEL = 48
 KEYFRAME_BYTES_PER_TOKEN_CHANNEL = 24
 VAE_BYTES_PER_PIXEL = 1536
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A model family's bytes per latent token per first-level channel at 16 bits (see the module docstring)."""
+
+    row: float  # per row (frame x branch) of a UNet call
+    keyframe: float  # per row of every keyframe of the keyframe pass
+    control_row: float  # added per row of a call by ControlNets
+    control_keyframe: float  # added per row of every keyframe of the keyframe pass by ControlNets
+
+
+SD_PROFILE = Profile(BYTES_PER_TOKEN_CHANNEL, KEYFRAME_BYTES_PER_TOKEN_CHANNEL, 16, 12)
+SDXL_PROFILE = Profile(32, 16, 12, 8)
+
+
+def profile(unet) -> Profile:
+    from tokenflow.sdxl import is_sdxl_unet
+    return SDXL_PROFILE if is_sdxl_unet(unet) else SD_PROFILE
 FILL = 0.7
 CPU_CHUNK_FRAMES = 8
 MAX_CHUNK_FRAMES = 64
@@ -78,14 +104,18 @@ class CallPlan:
 
 
 def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_size: int,
-             chunk_frames: int | None, max_gpu_mem: float | None, free: int, allocated: int) -> CallPlan:
+             chunk_frames: int | None, max_gpu_mem: float | None, free: int, allocated: int,
+             controlnets: int = 0, vae_dtype: torch.dtype | None = None) -> CallPlan:
     """Edit calls (keyframes > 0: three rows per frame, the keyframe pass and its records) or inversion
     calls (keyframes = 0: one row per frame) for latents h x w within the budget. `chunk_frames` (the
-    user's --chunk-frames) fixes the frames per call instead."""
+    user's --chunk-frames) fixes the frames per call instead. `controlnets`: how many ControlNets run in
+    the edit's calls (not in the inversion's); `vae_dtype`: the VAE's (float32 when it is upcast)."""
+    p = profile(unet)
     scale = h * w * unet.config["block_out_channels"][0] * torch.finfo(dtype).bits // 16
     rows = 3 if keyframes else 1
-    per_frame = rows * BYTES_PER_TOKEN_CHANNEL * scale
-    keyframe_pass = keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL * scale
+    control = bool(controlnets and keyframes)
+    per_frame = int(rows * (p.row + (p.control_row if control else 0)) * scale)
+    keyframe_pass = int(keyframes * 3 * (p.keyframe + (p.control_keyframe if control else 0)) * scale)
     records = records_bytes(unet, keyframes, h, w, dtype)
     per_keyframe_records = records // max(keyframes, 1)
     usable, total = budget(max_gpu_mem, free, allocated)
@@ -107,7 +137,7 @@ def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_
     # A group call holds whole groups (at least one), at most the whole video (about keyframes x B frames).
     per_call = min(max(chunk, batch_size), keyframes * batch_size) if keyframes else chunk
     estimate = fixed + per_call * per_frame
-    vae = VAE_BYTES_PER_PIXEL * 64 * h * w * torch.finfo(dtype).bits // 16
+    vae = VAE_BYTES_PER_PIXEL * 64 * h * w * torch.finfo(vae_dtype or dtype).bits // 16
     vae_frames = chunk_frames or max(1, min(usable // vae, MAX_CHUNK_FRAMES))
     if room < per_frame:
         log.warning("the keyframe pass of %d keyframes needs about %.1f GiB, beyond the %.1f GiB the planner may "
@@ -117,16 +147,16 @@ def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_
 
 
 def plan_memory(models, h: int, w: int, *, keyframes: int, batch_size: int, chunk_frames: int | None,
-                max_gpu_mem: float | None) -> MemoryPlan:
+                max_gpu_mem: float | None, controlnets: list | tuple = ()) -> MemoryPlan:
     """The edit's and the inversion's plan on this device's free memory; on the CPU, fixed counts and no
-    offload (host memory is not planned)."""
+    offload (host memory is not planned). `controlnets`: the edit's ControlNets (already loaded)."""
     if models.device.type != "cuda":
         n = chunk_frames or max(CPU_CHUNK_FRAMES, batch_size)
         return MemoryPlan(n, n, n, n, False)
     free, _ = torch.cuda.mem_get_info(models.device)
     allocated = torch.cuda.memory_allocated(models.device)
     common = dict(batch_size=batch_size, chunk_frames=chunk_frames, max_gpu_mem=max_gpu_mem, free=free,
-                  allocated=allocated)
+                  allocated=allocated, controlnets=len(controlnets), vae_dtype=models.vae.dtype)
     edit = plan_for(models.unet, models.dtype, h, w, keyframes=keyframes, **common)
     inversion = plan_for(models.unet, models.dtype, h, w, keyframes=0, **common)
     plan = MemoryPlan(edit.frames_per_call, edit.frames_per_call, inversion.frames_per_call,
