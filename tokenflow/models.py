@@ -307,7 +307,8 @@ def _finish(m: Models, device: torch.device, dtype: torch.dtype) -> Models:
     for mod in (m.vae, m.text_encoder, m.text_encoder_2, m.unet):
         if mod is None:
             continue
-        want = torch.float32 if mod is m.vae and needs_upcast(mod, dtype) else dtype
+        # SDXL's pipelines alone read force_upcast (SD 1.x/2.x VAE configs get diffusers' default, True)
+        want = torch.float32 if mod is m.vae and m.is_sdxl and needs_upcast(mod, dtype) else dtype
         mod.to(device)
         if mod.dtype != want:  # diffusers warns on every to(dtype), even a no-op one
             mod.to(want)

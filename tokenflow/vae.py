@@ -1,8 +1,10 @@
 """Running the VAE without black frames: float32 where float16 overflows, and never silently on NaN.
 
 SDXL's VAE overflows in float16: its activations exceed 65504 and the frames come out NaN (black once
-written). Its config says so (`force_upcast: true`), and as diffusers' SDXL pipeline does, a float16 model
-keeps such a VAE in float32 (twice its activation memory; the UNet stays in float16). A VAE that says
+written). Its config says so (`force_upcast: true`), and as diffusers' SDXL pipeline does, a float16 SDXL
+model keeps such a VAE in float32 (twice its activation memory; the UNet stays in float16). Only SDXL
+models read the flag, as only diffusers' SDXL pipelines do: SD 1.x/2.x VAE configs predate it and get
+diffusers' default, True. A VAE that says
 nothing but still overflows is caught on its output: a batch with NaN or inf is run again in float32 and
 the VAE stays in float32 for the rest of the process, with one warning naming the fp16-safe VAE to use
 instead (`--vae madebyollin/sdxl-vae-fp16-fix` for SDXL: the same decoder, fine-tuned to stay in range).
