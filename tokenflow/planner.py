@@ -4,7 +4,8 @@ flags, or from the GPU memory budget and a per-model estimate.
 The estimate, per UNet row (one frame of one branch), in bytes per latent token per first-level channel
 at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulation of SD 2.1 at 512x512
 (bench/results/memory_sim.json; tests/test_memsim.py checks plans against the simulation):
-  - every frame of a UNet call (group pass, inversion; the keyframe pass's chunks): 48 (sim: 48.0);
+  - every frame of a UNet call (group pass, inversion; the keyframe pass's chunks): 48 (sim: 52.2
+    between 8 and 16 frames per call, tests/test_memsim.py; within its 10%);
   - every keyframe of the keyframe pass, whatever the chunk: 24 (sim: 22.2). diffusers' forward keeps the
     residual stream, the skip connections and a few block temporaries of all K keyframes at once, since
     each self-attention needs every keyframe at that layer;
@@ -44,8 +45,10 @@ class Profile:
     control_keyframe: float  # added per row of every keyframe of the keyframe pass by ControlNets
 
 
-SD_PROFILE = Profile(BYTES_PER_TOKEN_CHANNEL, KEYFRAME_BYTES_PER_TOKEN_CHANNEL, 16, 12)
-SDXL_PROFILE = Profile(32, 16, 12, 8)
+# Simulated (tests/test_memsim.py): SD 2.1 row 52.2, keyframe 22.2, a ControlNet +14.4 and +14.4; SDXL at
+# 1024x1024 row 31.6, keyframe 18.1, a ControlNet +11.5 and +14.0 (two ControlNets: as one, weights aside).
+SD_PROFILE = Profile(BYTES_PER_TOKEN_CHANNEL, KEYFRAME_BYTES_PER_TOKEN_CHANNEL, 16, 14)
+SDXL_PROFILE = Profile(32, 20, 12, 14)
 
 
 def profile(unet) -> Profile:
