@@ -28,6 +28,7 @@ nothing).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ TINY = "tiny-random"  # a ControlNet made from a tiny model's UNet (tokenflow.ti
 # Condition maps a ControlNet takes, told by its name when `control` is not given.
 NAME_HINTS = (("canny", "canny"), ("depth", "depth"), ("softedge", "softedge"), ("hed", "softedge"),
               ("pidi", "softedge"))
+# Without accelerate diffusers loads this way anyway, after a warning that says so on every load.
+QUIET = {"low_cpu_mem_usage": False}
 KEYS = ("controlnet", "control", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
 
@@ -192,13 +195,15 @@ def _load(name: str, models, config_dir: str | None):
             else False
         if sub is False:
             raise _not_found(name, "not a diffusers ControlNet folder: it has no config.json")
-        return ControlNetModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+        return ControlNetModel.from_pretrained(str(path), subfolder=sub, local_files_only=True, **QUIET)
     if name.count("/") != 1:
         raise _not_found(name, "neither a local path nor a hub id of the form owner/name")
 
     def load(local_only: bool):
         try:
-            return ControlNetModel.from_pretrained(name, local_files_only=local_only)
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                return ControlNetModel.from_pretrained(name, local_files_only=local_only, **QUIET)
         except (OSError, ValueError) as e:
             raise _not_found(name, "not in the local cache" if local_only else str(e).splitlines()[0]) from None
     return cache_then_hub(name, load)

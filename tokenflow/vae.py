@@ -13,6 +13,7 @@ bfloat16 has float32's range and never needs this.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -33,10 +34,13 @@ def load_vae(name: str, *, local_only: bool):
     path = Path(name).expanduser()
     if path.suffix == ".safetensors":
         return AutoencoderKL.from_single_file(str(path), local_files_only=local_only)
+    quiet = {"low_cpu_mem_usage": False}  # what diffusers does without accelerate, minus its warning
     if path.is_dir():
         return AutoencoderKL.from_pretrained(str(path), subfolder="vae" if (path / "vae").is_dir() else None,
-                                             local_files_only=True)
-    return AutoencoderKL.from_pretrained(name, local_files_only=local_only)
+                                             local_files_only=True, **quiet)
+    with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        return AutoencoderKL.from_pretrained(name, local_files_only=local_only, **quiet)
 
 
 def needs_upcast(vae, dtype: torch.dtype) -> bool:
