@@ -13,6 +13,8 @@ H100 80 GB as the device machine reports it) and --max-gpu-mem 20.
     python bench/bench_memory.py --json bench/results/memory_sim.json --markdown bench/results/memory_sim.md
     python bench/bench_memory.py --model sdxl --frames 40 120 400 --max-gpu-mem 24 \
         --json bench/results/memory_sim_sdxl.json --markdown bench/results/memory_sim_sdxl.md
+    python bench/bench_memory.py --model sd15 --controlnets 1 --frames 40 120 400 \
+        --json bench/results/memory_sim_sd15_controlnet.json --markdown bench/results/memory_sim_sd15_controlnet.md
 
 SDXL: the UNet, VAE (float32: it overflows in float16, tokenflow/vae.py) and both text encoders from their
 published configs; `--controlnets N` adds N ControlNets shaped like diffusers' from_unet (their weights
@@ -37,7 +39,23 @@ from tokenflow.planner import plan_for, records_bytes  # noqa: E402
 from tokenflow.tiny import SD21_RANDOM, SDXL_RANDOM, build_tiny_models, build_tiny_second_encoder  # noqa: E402
 
 GiB = 2**30
-MODELS = {"sd21": ("SD 2.1-base", SD21_RANDOM, 512), "sdxl": ("SDXL base", SDXL_RANDOM, 1024)}
+MODELS = {"sd21": ("SD 2.1-base", SD21_RANDOM, 512), "sd15": ("SD 1.5", SD21_RANDOM, 512),
+          "sdxl": ("SDXL base", SDXL_RANDOM, 1024)}
+
+
+def sd15_on_meta(models):
+    """SD 1.5 from SD 2.1-base's random build: its UNet config and CLIP ViT-L/14 text encoder (SDXL's first)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tokenflow.sdxl import SDXL_TEXT_ENCODER_CONFIG
+    from tokenflow.tiny import SD15_UNET_CONFIG
+
+    vae, tok, _, _, sched = models
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        te = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
+    return vae, tok, te, unet, sched
 
 
 def row(models, frames: int, size: int, gpu_gib: float, max_gpu_mem: float | None, dtype, extra=(),
@@ -118,6 +136,8 @@ def main(argv=None) -> int:
     name, variant, native = MODELS[args.model]
     size = args.size or native
     models = build_tiny_models(variant, device="meta")
+    if args.model == "sd15":
+        models = sd15_on_meta(models)
     extra = []
     if args.model == "sdxl":
         extra.append(build_tiny_second_encoder(variant, device="meta")[1])

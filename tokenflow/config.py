@@ -53,8 +53,8 @@ class EditConfig:
     match_reference: bool = False  # reproduce the reference's semantics exactly (see README)
     depth: str | None = None  # depth video/frames for mode=depth; None: estimate when weights are present
     # mode controlnet (tokenflow/control.py): lists are comma-separated on the command line, one entry per ControlNet
-    controlnet: str | list[str] | None = None  # ControlNet hub id, folder or file, or several (multi-ControlNet); none: the model family's canny one
-    control: str | list[str] | None = None  # condition maps per ControlNet: canny, depth, softedge or a video/frame folder; none: told by its name
+    controlnet: str | list[str] | None = None  # ControlNet(s): hub id, folder or file; none: the family's canny one
+    control: str | list[str] | None = None  # maps per ControlNet: canny, depth, softedge or a video; none: by its name
     controlnet_conditioning_scale: float | list[float] = 1.0  # ControlNet residual scale (per ControlNet or one for all)
     guess_mode: bool = False  # ControlNet on the conditional rows only, residuals scaled up with depth (diffusers' guess mode)
     control_guidance_start: float | list[float] = 0.0  # fraction of the steps where the ControlNets start acting

@@ -32,6 +32,10 @@ SD21_UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+# SD 1.5's UNet (stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json): SD 2.1-base's blocks with 8 heads
+# everywhere, 768-wide text and convolutional projections; what most ControlNets are made for (benchmarks).
+SD15_UNET_CONFIG = {**SD21_UNET_CONFIG, "cross_attention_dim": 768, "attention_head_dim": 8,
+                    "use_linear_projection": False}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
