@@ -4,7 +4,8 @@ per frame (its two attention levels at 1024 x 1024).
 On the CPU the torch and cpu (C++) backends run at the full token counts, checked on a sample of query
 tokens against float64 truths over all keys (a full float64 check would cost minutes): extended attention
 against an explicit softmax, the search against the best float64 similarity within the dtype's tolerance
-(tests/opcheck.py), the output against the blend of the backend's own indices. Triton runs in its interpreter (no GPU) at SDXL's head layout with few tokens.
+(tests/opcheck.py), the output against the blend of the backend's own indices. Triton runs in its
+interpreter (no GPU) at SDXL's head layout with few tokens.
 """
 from __future__ import annotations
 
