@@ -32,6 +32,12 @@ def cn_cfg(tiny_cfg, net, **kw):
     return tiny_cfg.replace(mode="controlnet", controlnet=net, **kw)
 
 
+@pytest.fixture
+def short_cfg(tiny_cfg):
+    """Two inversion and two sampling steps: enough where the number of steps is not the subject."""
+    return tiny_cfg.replace(n_inversion_steps=2, n_timesteps=2)
+
+
 @contextlib.contextmanager
 def unet_kwargs_spy(editor):
     """Records (pass kind, step, the UNet call's kwargs) of every UNet call."""
@@ -51,15 +57,15 @@ def row_norms(kwargs, n):
     return [max(float(r[b * n:(b + 1) * n].abs().max()) for r in res) for b in range(3)]
 
 
-def test_residuals_reach_the_unet_on_the_edited_rows_only(tiny_editor, clip, tiny_cfg, nets):
+def test_residuals_reach_the_unet_on_the_edited_rows_only(tiny_editor, clip, short_cfg, nets):
     """A zero ControlNet gives exactly the plain edit; a random one changes it, through residuals that every
     keyframe and group call receives on its uncond and cond rows (the source rows get none)."""
-    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
-    plain = tiny_editor.edit(clip, tiny_cfg, progress=False, inversion=inv)
-    zero = tiny_editor.edit(clip, cn_cfg(tiny_cfg, nets["zero"]), progress=False, inversion=inv)
+    inv = tiny_editor.invert(clip, short_cfg, progress=False)
+    plain = tiny_editor.edit(clip, short_cfg, progress=False, inversion=inv)
+    zero = tiny_editor.edit(clip, cn_cfg(short_cfg, nets["zero"]), progress=False, inversion=inv)
     assert torch.equal(zero.latents, plain.latents)
     with unet_kwargs_spy(tiny_editor) as seen:
-        ctrl = tiny_editor.edit(clip, cn_cfg(tiny_cfg, nets["a"]), progress=False, inversion=inv)
+        ctrl = tiny_editor.edit(clip, cn_cfg(short_cfg, nets["a"]), progress=False, inversion=inv)
     assert (ctrl.latents - plain.latents).abs().max() > 1e-2
     calls = [(kind, kw) for kind, _, rows, kw in seen]
     assert {kind for kind, _ in calls} == {"keyframe", "group"}
@@ -84,26 +90,26 @@ def test_guess_mode_and_the_guidance_window(tiny_editor, clip, tiny_cfg, nets):
     assert controlled == {2, 3} and {step for _, step, _, _ in seen} == set(range(5))
 
 
-def test_several_controlnets_add_their_residuals(tiny_editor, clip, tiny_cfg, nets):
+def test_several_controlnets_add_their_residuals(tiny_editor, clip, short_cfg, nets):
     """[A, A] at scales 0.5 each is A at 1 (halving and adding are exact), [A, B] is neither A nor B alone,
     and a ControlNet outside its window is as if absent."""
-    inv = tiny_editor.invert(clip, tiny_cfg, progress=False)
-    a = tiny_editor.edit(clip, cn_cfg(tiny_cfg, nets["a"]), progress=False, inversion=inv)
-    aa = tiny_editor.edit(clip, cn_cfg(tiny_cfg, [nets["a"], nets["a"]], controlnet_conditioning_scale=[0.5, 0.5]),
+    inv = tiny_editor.invert(clip, short_cfg, progress=False)
+    a = tiny_editor.edit(clip, cn_cfg(short_cfg, nets["a"]), progress=False, inversion=inv)
+    aa = tiny_editor.edit(clip, cn_cfg(short_cfg, [nets["a"], nets["a"]], controlnet_conditioning_scale=[0.5, 0.5]),
                           progress=False, inversion=inv)
     assert torch.equal(a.latents, aa.latents)
-    ab = tiny_editor.edit(clip, cn_cfg(tiny_cfg, [nets["a"], nets["b"]]), progress=False, inversion=inv)
-    b = tiny_editor.edit(clip, cn_cfg(tiny_cfg, nets["b"]), progress=False, inversion=inv)
+    ab = tiny_editor.edit(clip, cn_cfg(short_cfg, [nets["a"], nets["b"]]), progress=False, inversion=inv)
+    b = tiny_editor.edit(clip, cn_cfg(short_cfg, nets["b"]), progress=False, inversion=inv)
     assert (ab.latents - a.latents).abs().max() > 1e-2 and (ab.latents - b.latents).abs().max() > 1e-2
-    b_off = tiny_editor.edit(clip, cn_cfg(tiny_cfg, [nets["a"], nets["b"]], control_guidance_start=[0.0, 0.2],
+    b_off = tiny_editor.edit(clip, cn_cfg(short_cfg, [nets["a"], nets["b"]], control_guidance_start=[0.0, 0.2],
                                           control_guidance_end=[1.0, 0.2001]), progress=False, inversion=inv)
-    assert torch.equal(b_off.latents, a.latents)  # B's window holds no step of 5
+    assert torch.equal(b_off.latents, a.latents)  # B's window holds no step
 
 
-def test_chunking_and_oom_retries_are_exact(tiny_editor, clip, tiny_cfg, nets, caplog):
+def test_chunking_and_oom_retries_are_exact(tiny_editor, clip, short_cfg, nets, caplog):
     """The ControlNet runs in the keyframe pass's chunks: one keyframe at a time equals all at once, and an
     OOM inside it halves the chunk and retries; group calls of 1 or 3 groups agree."""
-    cfg = cn_cfg(tiny_cfg, nets["a"])
+    cfg = cn_cfg(short_cfg, nets["a"])
     inv = tiny_editor.invert(clip, cfg, progress=False)
     whole = tiny_editor.edit(clip, cfg.replace(chunk_frames=12), progress=False, inversion=inv)
     net = tiny_editor.models.controlnets[nets["a"]]
@@ -131,7 +137,7 @@ def test_chunking_and_oom_retries_are_exact(tiny_editor, clip, tiny_cfg, nets, c
 
 
 def test_an_interrupted_controlnet_edit_resumes(tiny_editor, clip, tiny_cfg, nets):
-    cfg = cn_cfg(tiny_cfg, nets["a"], resume=True, seed=4)
+    cfg = cn_cfg(tiny_cfg, nets["a"], resume=True, seed=4, n_inversion_steps=3, n_timesteps=3)
     inv = tiny_editor.invert(clip, cfg, progress=False)
     whole = tiny_editor.edit(clip, cfg.replace(cache_dir=str(inv.path.parent.parent / "other")), progress=False)
     armed = [True]
