@@ -27,12 +27,16 @@ class PromptEmbeds:
 
     def unet_kwargs(self, n: int, device: torch.device, dtype: torch.dtype) -> dict:
         """encoder_hidden_states (and SDXL's added_cond_kwargs) for rows [prompt 0 x n | prompt 1 x n | ...]."""
-        kw = {"encoder_hidden_states": self.embeds.to(device, dtype).repeat_interleave(n, dim=0)}
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, dtype)
+            # one prompt: a broadcast view, as the engine has always passed it (the UNet's rounding can depend on
+            # the layout, and stored inversions were computed this way)
+            return t.expand(n, *t.shape[1:]) if len(t) == 1 else t.repeat_interleave(n, dim=0)
+
+        kw = {"encoder_hidden_states": rows(self.embeds)}
         if self.pooled is not None:
-            rows = n * len(self)
-            kw["added_cond_kwargs"] = {
-                "text_embeds": self.pooled.to(device, dtype).repeat_interleave(n, dim=0),
-                "time_ids": self.time_ids.to(device, dtype).expand(rows, -1)}
+            kw["added_cond_kwargs"] = {"text_embeds": rows(self.pooled),
+                                       "time_ids": self.time_ids.to(device, dtype).expand(n * len(self), -1)}
         return kw
 
 
