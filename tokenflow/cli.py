@@ -136,6 +136,15 @@ def _crf(text: str) -> int:
 _crf.__name__ = "H.264 CRF (0-51)"
 
 
+def _scalar_or_list(convert):
+    """`X` or a comma-separated `X,Y,...` (one value per ControlNet): a list only when there are several."""
+    def parse(text: str):
+        values = [convert(p.strip()) for p in text.split(",")]
+        return values if len(values) > 1 else values[0]
+    parse.__name__ = f"{convert.__name__} or comma-separated list"
+    return parse
+
+
 def _add_config_flags(group) -> None:
     hints = typing.get_type_hints(EditConfig)
     comments = _field_comments()
@@ -144,6 +153,9 @@ def _add_config_flags(group) -> None:
         args = typing.get_args(hint)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if optional else hint
+        lists = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list]
+        if lists:  # X | list[X]: one value, or several separated by commas
+            base = _scalar_or_list(lists[0])
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = HELP.get(f.name) or comments.get(f.name) or f.name.replace("_", " ")
         shown = "none" if default is None else repr(default) if isinstance(default, str) else default
@@ -154,7 +166,8 @@ def _add_config_flags(group) -> None:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
         kw["type"] = _optional(base) if optional else base
-        kw["metavar"] = "|".join(CHOICES[f.name]) if f.name in CHOICES else base.__name__.upper()
+        kw["metavar"] = "|".join(CHOICES[f.name]) if f.name in CHOICES else \
+            f"{lists[0].__name__.upper()}[,...]" if lists else base.__name__.upper()
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         group.add_argument(*names, **kw)
@@ -365,17 +378,15 @@ def run(command: str, args: argparse.Namespace) -> int:
     fps = sel["fps"] if (info.is_folder and sel["fps"]) else info.fps
     if info.fps_from is not None and not sel["fps"]:
         _note(quiet, f"frame rate {_fps(fps)} from {info.fps_from}, the video beside the frame folder (--fps to choose)")
-    resize = resize_for(info.width, info.height, width=cfg.width, height=cfg.height, resize=cfg.resize,
-                        match_reference=cfg.match_reference)
-    W, H = resize.width, resize.height
-    if resize.via is not None:
-        _note(quiet, f"--match-reference: the reference edits square sizes at 512x512, so the {resize.via[0]}x"
-                     f"{resize.via[1]} frames are stretched to 512x512 as it did; drop --match-reference to edit "
-                     f"at {resize.via[0]}x{resize.via[1]}")
     outputs = output_paths(args, cfg, src) if command != "invert" and ranks.leader else None
     depth_src = input_path(cfg.depth) if cfg.depth else None
     if depth_src is not None:
         probe(depth_src)
+    from tokenflow.control import condition_videos
+    control_src = [None if p is None else input_path(p) for p in condition_videos(cfg)]
+    for p in control_src:
+        if p is not None:
+            probe(p)
     preflight(cfg, sel, info)
 
     from tokenflow.models import TINY_VARIANTS, resolve_device
@@ -391,6 +402,14 @@ def run(command: str, args: argparse.Namespace) -> int:
     from tokenflow.distributed_edit import editor_for
     editor = editor_for(cfg, ranks)
     timings["load"] = time.perf_counter() - t0
+    # The default size is the model's native one: longer side 1024 for SDXL, 512 for SD 1.x/2.x.
+    resize = resize_for(info.width, info.height, width=cfg.width, height=cfg.height, resize=cfg.resize,
+                        match_reference=cfg.match_reference, long_side=1024 if editor.models.is_sdxl else 512)
+    W, H = resize.width, resize.height
+    if resize.via is not None:
+        _note(quiet, f"--match-reference: the reference edits square sizes at 512x512, so the {resize.via[0]}x"
+                     f"{resize.via[1]} frames are stretched to 512x512 as it did; drop --match-reference to edit "
+                     f"at {resize.via[0]}x{resize.via[1]}")
 
     from tokenflow.video import read_frames
     t0 = time.perf_counter()
@@ -402,8 +421,13 @@ def run(command: str, args: argparse.Namespace) -> int:
     if depth_src is not None:
         depth = read_frames(depth_src, start=sel["first_frame"], count=len(frames), stride=sel["stride"],
                             resize=resize, progress=not quiet)
+    control = None  # condition videos, read with the input's selection and size
+    if any(p is not None for p in control_src):
+        control = [None if p is None else read_frames(p, start=sel["first_frame"], count=len(frames),
+                                                      stride=sel["stride"], resize=resize, progress=not quiet)
+                   for p in control_src]
     timings["read"] = time.perf_counter() - t0
-    job = editor.prepare(frames, cfg, depth=depth)
+    job = editor.prepare(frames, cfg, depth=depth, control=control)
     ranks.agree()  # several ranks: all start the work, or all stop here with one message
 
     if command == "invert":

@@ -28,7 +28,7 @@ SD_VERSIONS = {
     "depth": DEFAULT_DEPTH_MODEL,
 }
 
-MODES = ("pnp", "sdedit", "depth")
+MODES = ("pnp", "sdedit", "depth", "controlnet")
 # Keys only SDEdit reads. The reference chose the mode by script, so its config_sdedit.yaml has them and no
 # `mode`: a config with one of them and no mode is an SDEdit config.
 SDEDIT_KEYS = ("start", "use_ddim_noise")
@@ -45,7 +45,7 @@ class EditConfig:
     inversion_prompt: str = ""
     model: str = DEFAULT_MODEL
     model_config: str | None = None  # diffusers config folder for a single-file checkpoint (needed offline)
-    mode: str = "pnp"  # pnp | sdedit | depth (PnP on a depth-conditioned UNet)
+    mode: str = "pnp"  # pnp | sdedit | depth (PnP on a depth-conditioned UNet) | controlnet (PnP with ControlNets)
     seed: int = 1
     guidance_scale: float = 7.5
     n_timesteps: int = 50  # DDIM sampling steps (eta = 0)
@@ -61,6 +61,15 @@ class EditConfig:
     n_frames: int | None = None  # None: every frame
     match_reference: bool = False  # reproduce the reference's semantics exactly (see README)
     depth: str | None = None  # depth video/frames for mode=depth; None: estimate when weights are present
+    # mode controlnet (tokenflow/control.py): lists are comma-separated on the command line, one entry per ControlNet
+    controlnet: str | list[str] | None = None  # ControlNet(s): hub id, folder or file; none: the family's canny one
+    control: str | list[str] | None = None  # maps per ControlNet: canny, depth, softedge or a video; none: by its name
+    controlnet_conditioning_scale: float | list[float] = 1.0  # ControlNet residual scale (per ControlNet or one for all)
+    guess_mode: bool = False  # ControlNet on the conditional rows only, residuals scaled up with depth (diffusers' guess mode)
+    control_guidance_start: float | list[float] = 0.0  # fraction of the steps where the ControlNets start acting
+    control_guidance_end: float | list[float] = 1.0  # fraction of the steps where they stop
+    controlnet_config: str | None = None  # config folder of a single-file ControlNet (needed offline)
+    vae: str | None = None  # another VAE (hub id, folder, .safetensors), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available
     backend: str = "auto"  # tokenflow.ops backend (torch, triton, cuda, cpu, faiss) for the ops it implements
@@ -71,6 +80,17 @@ class EditConfig:
     cache_max_size: str | None = None  # latent store size cap, e.g. 20G: LRU eviction (None: $TOKENFLOW_CACHE_MAX_SIZE)
     reconstruct: bool = False  # decode the inversion back and report PSNR
     resume: bool = True  # continue an interrupted (or reuse a finished) edit from its checkpoint in the store
+
+    def __post_init__(self):
+        # Lists from the command line come as "a,b"; a ControlNet edit with neither model nor ControlNet given
+        # is the pairing most ControlNets are made for: SD 1.5 with lllyasviel's canny ControlNet.
+        for key in ("controlnet", "control"):
+            v = getattr(self, key)
+            if isinstance(v, str) and "," in v:
+                setattr(self, key, [p.strip() for p in v.split(",")])
+        if self.mode == "controlnet" and self.model == DEFAULT_MODEL and not self.controlnet:
+            from tokenflow.control import SD15, SD15_CANNY
+            self.model, self.controlnet = SD15, SD15_CANNY
 
     def validate(self) -> "EditConfig":
         """Check every value; a problem raises TokenFlowError naming its key (the CLI adds the flag)."""
@@ -108,6 +128,8 @@ class EditConfig:
                                f"leave it unset to use the whole GPU")
         from tokenflow.cache_admin import parse_size
         parse_size(self.cache_max_size, "cache_max_size")
+        from tokenflow.control import check_config
+        check_config(self)
         from tokenflow.ops.backends import known
 
         if self.backend not in known():

@@ -242,18 +242,20 @@ class DistributedEditor(TokenFlowEditor):
                              model_config=cfg.model_config)
         return cls(models, ranks, cache_dir=cfg.cache_dir)
 
-    def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None) -> EditJob:
+    def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None,
+                control=None) -> EditJob:
         if cfg.reconstruct and self.ranks.distributed:
             raise TokenFlowError("the reconstruction check runs in one process: drop --reconstruct or run it "
                                  "without --nproc", key="reconstruct")
-        return resolve(self.models, frames, cfg, depth, ranks=self.ranks.world)
+        return resolve(self.models, frames, cfg, depth, control, ranks=self.ranks.world)
 
     def _frames_of(self, job: EditJob, r: int) -> range:
         p = job.parts[r]
         return range(job.groups[p.start].start, job.groups[p.stop - 1].stop)
 
-    def invert(self, frames, cfg=None, *, progress: bool = True, depth=None, _timings: dict | None = None) -> Inversion:
-        job = self._job(frames, cfg, depth)
+    def invert(self, frames, cfg=None, *, progress: bool = True, depth=None, control=None,
+               _timings: dict | None = None) -> Inversion:
+        job = self._job(frames, cfg, depth, control)
         self.ranks.agree()  # (the CLI agrees earlier, right after its setup)
         if len(job.parts) != self.ranks.world:
             raise TokenFlowError(f"the job was prepared for {len(job.parts)} rank(s), this run has {self.ranks.world}")

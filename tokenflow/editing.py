@@ -14,6 +14,7 @@ from tokenflow.inversion import model_input
 from tokenflow.keyframes import blend_weights, draw_keyframes
 from tokenflow.processors import TokenFlowHooks
 from tokenflow.progress import bar
+from tokenflow.prompts import as_prompt_embeds
 from tokenflow.schedule import Schedule
 from tokenflow.state import GROUP, KEYFRAME
 
@@ -101,19 +102,21 @@ def keyframe_pass(hooks: TokenFlowHooks, run, K: int, retry: bool = True) -> Non
 
 
 @torch.no_grad()
-def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor, source_at, embs: torch.Tensor,
+def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor, source_at, embs,
                  depth: torch.Tensor | None = None, *, group_batches: Batches, progress: bool = True,
-                 checkpoint=None, part: Part | None = None) -> torch.Tensor:
+                 checkpoint=None, part: Part | None = None, control=None) -> torch.Tensor:
     """Denoise the edited latents `x` [N, 4, h, w] (host, float32) over `loop.schedule`'s steps.
 
     hooks: the installed TokenFlow processors (tokenflow.processors.install), steered through hooks.state.
     source_at(t) -> [N, 4, h, w]: the kept inverted latents at t (the source branch is never advanced).
-    embs: [3, 77, D] text embeddings of [source | uncond | cond].
+    embs: the text conditioning of [source | uncond | cond]: [3, 77, D] embeddings or a
+    tokenflow.prompts.PromptEmbeds (SDXL's pooled embeddings and size numbers).
     group_batches: groups per group-pass UNet call (halved on CUDA OOM; the caller reads what ran).
     checkpoint: optional tokenflow.latent_store.EditCheckpoint: resume after the step it holds, and save
     the latents after every step.
     part: the groups this process edits (default: all); `x`, `source_at(t)`, `depth` and the result then
     hold the frames `part.frames` only.
+    control: optional tokenflow.control.Control: ControlNet residuals added to every UNet call.
     Returns the edited latents at t = 0 (host, float32).
     """
     sched = loop.schedule.sampler()
@@ -124,14 +127,19 @@ def edit_latents(models, hooks: TokenFlowHooks, loop: EditLoop, x: torch.Tensor,
     part = part or Part.whole(loop.groups)
     f0, k0, mine = part.frames.start, part.first_record, part.groups
     st, records = hooks.state, hooks.records
+    embs = as_prompt_embeds(embs)
 
     def unet(src: torch.Tensor, lat: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
         """One UNet call on the triple batch of frames `idx` (of this part); returns the guided model output."""
         n = len(idx)
         rows = torch.cat([src[idx], lat[idx], lat[idx]]).to(dev)
         d = None if depth is None else depth[idx].repeat(3, 1, 1, 1).to(dev)
-        e = embs.to(dev).repeat_interleave(n, dim=0)
-        out = models.unet(model_input(rows, d).to(dt), t, encoder_hidden_states=e).sample.float()
+        x_in = model_input(rows, d).to(dt)
+        kw = embs.unet_kwargs(n, dev, dt)
+        if control is not None:  # per row, in the keyframe pass's chunks like the UNet's per-row modules
+            chunk = hooks.settings.keyframes_per_chunk if st.kind == KEYFRAME else None
+            kw.update(control.unet_kwargs(x_in, t, kw, idx + f0, st.step, chunk))  # maps of every frame
+        out = models.unet(x_in, t, **kw).sample.float()
         _, u, c = out.chunk(3)
         return u + loop.guidance_scale * (c - u)
 

@@ -39,9 +39,11 @@ log = logging.getLogger("tokenflow")
 
 # The settings an edit's result depends on beyond its inversion (whose store key covers model, weights,
 # dtype, size, frames, depth, inversion prompt and steps): the key of its checkpoint.
+# The ControlNets' condition maps join the key by content (a given video may change under the same name).
 EDIT_KEY_FIELDS = ("prompt", "negative_prompt", "mode", "seed", "guidance_scale", "n_timesteps", "batch_size",
                    "pnp_attn_t", "pnp_f_t", "start", "use_ddim_noise", "match_reference", "keyframe_window",
-                   "backend")
+                   "backend", "controlnet", "control", "controlnet_conditioning_scale", "guess_mode",
+                   "control_guidance_start", "control_guidance_end")
 
 
 @dataclass
@@ -87,27 +89,34 @@ class TokenFlowEditor:
     def from_config(cls, cfg: EditConfig) -> "TokenFlowEditor":
         device = resolve_device(cfg.device)
         models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                             model_config=cfg.model_config)
+                             model_config=cfg.model_config, vae=cfg.vae)
+        if cfg.mode == "controlnet":  # loaded and checked against the model now (prepare finds them loaded)
+            from tokenflow.control import controlnets, resolve_spec
+            controlnets(models, resolve_spec(cfg.validate(), models), cfg.controlnet_config)
         return cls(models, cache_dir=cfg.cache_dir)
 
-    def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None) -> EditJob:
-        """Resolve `frames` (uint8 [N, 3, H, W]) and `cfg` into an EditJob for `invert` and `edit`."""
-        return resolve(self.models, frames, cfg, depth)
+    def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None,
+                control=None) -> EditJob:
+        """Resolve `frames` (uint8 [N, 3, H, W]) and `cfg` into an EditJob for `invert` and `edit`.
+        depth: depth frames for a depth model; control: mode controlnet's given condition maps, a tensor
+        [N, 1|3, H', W'] or a list with one (or None: made as cfg.control says) per ControlNet."""
+        return resolve(self.models, frames, cfg, depth, control)
 
-    def _job(self, frames, cfg, depth) -> EditJob:
+    def _job(self, frames, cfg, depth, control=None) -> EditJob:
         if isinstance(frames, EditJob):
-            if cfg is not None or depth is not None:
-                raise TypeError("an EditJob carries its config and depth: pass the job alone")
+            if cfg is not None or depth is not None or control is not None:
+                raise TypeError("an EditJob carries its config, depth and condition maps: pass the job alone")
             return frames
         if cfg is None:
             raise TypeError("give the frames with an EditConfig, or a job from prepare()")
-        return self.prepare(frames, cfg, depth=depth)
+        return self.prepare(frames, cfg, depth=depth, control=control)
 
     # -- stages --------------------------------------------------------------------------------------
     def invert(self, frames: torch.Tensor | EditJob, cfg: EditConfig | None = None, *, progress: bool = True,
-               depth: torch.Tensor | None = None, _timings: dict | None = None) -> Inversion:
-        """DDIM-invert the job's frames into the latent store, or reuse/resume what is there."""
-        job = self._job(frames, cfg, depth)
+               depth: torch.Tensor | None = None, control=None, _timings: dict | None = None) -> Inversion:
+        """DDIM-invert the job's frames into the latent store, or reuse/resume what is there (without
+        ControlNets: one inversion serves plain and ControlNet edits)."""
+        job = self._job(frames, cfg, depth, control)
         cfg = job.cfg
         timings = {} if _timings is None else _timings
         m = self.models
@@ -118,7 +127,7 @@ class TokenFlowEditor:
             if x0 is None:
                 store.save_x0(encode_frames(m, job.frames, job.vae, progress))
                 x0 = store.load_x0()  # the stored copy, so a fresh and a reused inversion edit identically
-        emb = m.encode_prompt([cfg.inversion_prompt])
+        emb = m.prompt_embeds([cfg.inversion_prompt], tuple(job.frames.shape[2:]))
         reused = store.complete
         with _timed(timings, "invert"):
             n = 0 if reused else invert_into_store(m, store, x0, emb, job.schedule, job.depth, progress)
@@ -137,7 +146,7 @@ class TokenFlowEditor:
                 "depth": None if d is None else frames_digest((d * 127.5 + 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1))}
 
     @torch.no_grad()
-    def _reconstruction_psnr(self, job: EditJob, inv: Inversion, emb: torch.Tensor, progress: bool) -> float:
+    def _reconstruction_psnr(self, job: EditJob, inv: Inversion, emb, progress: bool) -> float:
         """DDIM-sample the noisiest kept latent back (no edit, guidance 1) and compare with the input."""
         m = self.models
         sched = job.schedule.sampler()
@@ -147,15 +156,16 @@ class TokenFlowEditor:
             for a in range(0, len(x), chunk):
                 xa = x[a:a + chunk].to(m.device)
                 d = None if job.depth is None else job.depth[a:a + chunk].to(m.device)
-                out = m.unet(model_input(xa, d).to(m.dtype), t, encoder_hidden_states=emb.expand(len(xa), -1, -1)).sample
+                out = m.unet(model_input(xa, d).to(m.dtype), t, **emb.unet_kwargs(len(xa), m.device, m.dtype)).sample
                 x[a:a + chunk] = sched.step(out.float(), t, xa).prev_sample.cpu()
         recon = torch.cat(list(decode_latents(m, x, job.vae, progress)))
         return psnr(recon, job.frames)
 
     def edit(self, frames: torch.Tensor | EditJob, cfg: EditConfig | None = None, *, progress: bool = True,
-             depth: torch.Tensor | None = None, inversion: Inversion | None = None) -> EditResult:
-        """Edit the job's frames with its prompt; inverts first unless `inversion` is given or stored."""
-        job = self._job(frames, cfg, depth)
+             depth: torch.Tensor | None = None, inversion: Inversion | None = None, control=None) -> EditResult:
+        """Edit the job's frames with its prompt; inverts first unless `inversion` is given or stored.
+        `depth`, `control`: as in `prepare`."""
+        job = self._job(frames, cfg, depth, control)
         cfg = job.cfg
         if not cfg.prompt.strip():
             raise TokenFlowError("the prompt is empty: say what the edited video should show", key="prompt")
@@ -176,13 +186,19 @@ class TokenFlowEditor:
         else:
             eps = inversion_noise(sched, x0, inversion.latents_at(T)[own], T)
         x = initial_latents(sched, x0, eps, schedule.sampling[schedule.first_step])
-        embs = m.encode_prompt([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt])
+        embs = m.prompt_embeds([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt], tuple(job.frames.shape[2:]))
+        ctrl = None
+        if job.control is not None:
+            from tokenflow.control import Control, controlnets
+            ctrl = Control(controlnets(m, job.control.spec, cfg.controlnet_config), job.control, schedule.steps)
         plan = job.memory
         settings = RunSettings(dict(job.backends), cfg.keyframe_window, plan.keyframes_per_chunk,
                                part.keyframe_attention)
         group_batches = Batches(max(1, plan.frames_per_call // cfg.batch_size), "the group passes", unit="groups")
-        checkpoint = self._checkpoint(inversion.store, {"tokenflow": __version__,
-                                                        **{k: getattr(cfg, k) for k in EDIT_KEY_FIELDS}}, part)
+        key = {"tokenflow": __version__, **{k: getattr(cfg, k) for k in EDIT_KEY_FIELDS}}
+        if job.control is not None:
+            key["control_maps"] = job.control.digest()
+        checkpoint = self._checkpoint(inversion.store, key, part)
         if not cfg.resume:
             checkpoint.discard()
         done = checkpoint.step()
@@ -193,7 +209,8 @@ class TokenFlowEditor:
             self.hooks = hooks
             try:
                 x = edit_latents(m, hooks, job.loop(), x, lambda t: inversion.latents_at(t)[own], embs, depth,
-                                 group_batches=group_batches, progress=progress, checkpoint=checkpoint, part=part)
+                                 group_batches=group_batches, progress=progress, checkpoint=checkpoint, part=part,
+                                 control=ctrl)
             finally:
                 self.hooks = None
         with _timed(timings, "decode"):

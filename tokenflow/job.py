@@ -1,4 +1,5 @@
-"""One edit resolved once: frames, groups, schedule, memory plan, depth and backends, from frames and config.
+"""One edit resolved once: frames, groups, schedule, memory plan, depth, ControlNet condition maps and backends,
+from frames and config.
 
 `TokenFlowEditor.prepare(frames, cfg)` builds an `EditJob`; `invert(job)` and `edit(job)` take it, so
 nothing is validated, planned or estimated twice. Everything that can be wrong with the inputs is found
@@ -32,6 +33,7 @@ class EditJob:
     backends: dict[str, str | None]  # op -> backend forced by cfg.backend (None: auto)
     # The groups each rank edits (tokenflow.distributed); one range of every group in one process.
     parts: list[range] | None = None
+    control: object = None  # tokenflow.control.ControlMaps in mode controlnet (settings, condition maps)
     # Frames per VAE call, shared by the encode and the decode: an OOM halving in one carries to the other.
     vae: Batches = field(init=False)
 
@@ -61,13 +63,17 @@ def check_frames(frames) -> None:
                              f"resize to {W // 8 * 8}x{H // 8 * 8} (the CLI does this for you)")
 
 
-def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None, *,
-            ranks: int = 1) -> EditJob:
+def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor | None = None,
+            control=None, *, ranks: int = 1) -> EditJob:
     """Validate and resolve everything one edit needs on `models` (see the module docstring).
 
     depth: optional depth frames ([N, 1|3, H', W'], any numeric dtype) for a depth model; without them a
-    depth model's estimator makes the maps. ranks: processes sharing the edit (tokenflow.distributed): the
-    groups are split between them and the memory plan is one rank's (the busiest)."""
+    depth model's estimator makes the maps.
+    control: mode controlnet's given condition maps (tokenflow.control.prepare): a tensor, or a list with a
+    tensor or None per ControlNet; the others are made as `cfg.control` says. The ControlNets are loaded
+    and checked against the model here, before any work.
+    ranks: processes sharing the edit (tokenflow.distributed): the groups are split between them and the
+    memory plan is one rank's (the busiest)."""
     cfg.validate()
     check_frames(frames)
     if cfg.n_frames is not None:
@@ -86,11 +92,21 @@ def resolve(models, frames: torch.Tensor, cfg: EditConfig, depth: torch.Tensor |
     if cfg.mode == "depth" and not models.is_depth:
         raise TokenFlowError(f"mode 'depth' needs a depth model (5-channel UNet, e.g. "
                              f"sd2-community/stable-diffusion-2-depth); {models.name} is not one", key="mode")
+    if control is not None and cfg.mode != "controlnet":
+        raise TokenFlowError("condition maps were given but mode is not controlnet", key="mode")
+    nets = []
+    if cfg.mode == "controlnet":
+        from tokenflow.control import controlnets, resolve_spec
+        nets = controlnets(models, resolve_spec(cfg, models), cfg.controlnet_config)  # mismatches fail here
     h, w = frames.shape[2] // 8, frames.shape[3] // 8
     most = max(len(p) for p in parts)  # a rank also records the keyframe before its groups, and gathers every key
     memory = plan_memory(models, h, w, keyframes=most + (ranks > 1), batch_size=cfg.batch_size,
                          chunk_frames=cfg.chunk_frames, max_gpu_mem=cfg.max_gpu_mem,
-                         gathered_keyframes=ranks * most if ranks > 1 else 0)
+                         gathered_keyframes=ranks * most if ranks > 1 else 0, controlnets=nets)
     maps = depth_maps(models, frames, depth, memory.vae_frames_per_call) if models.is_depth else None
-    return EditJob(cfg, frames, groups, schedule, memory, maps, backends, parts)
+    ctrl = None
+    if cfg.mode == "controlnet":
+        from tokenflow.control import prepare
+        ctrl = prepare(models, cfg, frames, control, memory.vae_frames_per_call)
+    return EditJob(cfg, frames, groups, schedule, memory, maps, backends, parts, ctrl)
 

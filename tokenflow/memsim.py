@@ -21,6 +21,10 @@ CUDA context (a few hundred MB), so a GPU's `max_memory_allocated` reads somewha
     from tokenflow.memsim import simulate_edit
     sim = simulate_edit(models.unet.config, frames=400, height=512, width=512, chunk_frames=16)
     sim.peak_bytes, sim.weights_bytes, sim.peak_at
+
+SDXL-shaped UNets get SDXL's added conditioning (pooled embeddings, size numbers); `controlnets=k` adds k
+ControlNets made from the UNet's config (tokenflow.control: residuals on the edited rows, the ControlNet
+run in the keyframe pass's chunks), their weights counted in `weights_bytes`.
 """
 from __future__ import annotations
 
@@ -113,7 +117,7 @@ def _flash_attention():
 @dataclass
 class SimulatedMemory:
     peak_bytes: int  # activations, records and inputs alive at once during the simulated work
-    weights_bytes: int  # the UNet's parameters and buffers (the VAE and text encoder are not counted)
+    weights_bytes: int  # the UNet's (and ControlNets') parameters and buffers (the VAE and text encoders are not counted)
     peak_at: str  # the op and the pass (keyframe / group) where the peak was reached
     rank: int = 0  # the rank simulated (world > 1)
     frames: int = 0  # the frames it edits
@@ -146,6 +150,30 @@ def meta_unet(config, dtype: torch.dtype = torch.float16):
     return _meta_model(UNet2DConditionModel, config, dtype)
 
 
+def meta_controlnet(unet, dtype: torch.dtype = torch.float16):
+    """A ControlNet for `unet` (diffusers' ControlNetModel.from_unet, as the released ones are shaped) on meta."""
+    from diffusers import ControlNetModel
+
+    with torch.device(META):
+        net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    return torch.nn.Module.to(net, dtype).eval().requires_grad_(False)
+
+
+def meta_prompts(unet_config, dtype: torch.dtype, n: int = 3):
+    """Text conditioning of n prompts on meta: embeddings, and for SDXL pooled embeddings and size numbers."""
+    from tokenflow.prompts import PromptEmbeds
+    from tokenflow.sdxl import is_sdxl_unet
+
+    c = dict(unet_config)
+    with _disable_current_modes():
+        embeds = torch.empty(n, 77, c["cross_attention_dim"], device=META, dtype=dtype)
+        if not is_sdxl_unet(c):
+            return PromptEmbeds(embeds)
+        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        return PromptEmbeds(embeds, torch.empty(n, pooled, device=META, dtype=dtype),
+                            torch.empty(6, device=META, dtype=dtype))
+
+
 @torch.no_grad()
 def simulate_vae(vae_config, *, frames: int, height: int, width: int,
                  dtype: torch.dtype = torch.float16) -> dict[str, int]:
@@ -169,11 +197,11 @@ def simulate_vae(vae_config, *, frames: int, height: int, width: int,
 def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_frames: int, batch_size: int = 8,
                   offload_records: bool = False, dtype: torch.dtype = torch.float16,
                   qk_injection: bool = True, steps: int = 1, scheduler_config: dict | None = None,
-                  world: int = 1, rank: int | None = None) -> SimulatedMemory:
+                  world: int = 1, rank: int | None = None, controlnets: int = 0) -> SimulatedMemory:
     """Peak device memory of `steps` PnP editing steps of a `frames`-frame video at height x width pixels,
-    with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`).
-    world > 1: of one rank of a distributed edit (`rank`, default the busiest: the most keyframes, counting
-    the one it receives), whose peak is reported."""
+    with `chunk_frames` frames per group-pass UNet call and per keyframe chunk (the planner's `chunk`),
+    and `controlnets` ControlNets. world > 1: of one rank of a distributed edit (`rank`, default the
+    busiest: the most keyframes, counting the one it receives), whose peak is reported."""
     from tokenflow.batches import Batches
     from tokenflow.editing import EditLoop, Part, edit_latents
     from tokenflow.keyframes import make_groups, split_groups
@@ -206,8 +234,17 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
     h, w = height // 8, width // 8
     c_in = unet.config.in_channels
     depth = torch.empty(frames, 1, h, w, device=META) if c_in == 5 else None
-    cross = unet.config.cross_attention_dim
     models = Models(None, None, None, unet, sched, "meta")
+    embs = meta_prompts(unet.config, dtype)
+    control, nets = None, [meta_controlnet(unet, dtype) for _ in range(controlnets)]
+    if nets:
+        from tokenflow.control import Control, ControlMaps, ControlSpec
+        spec = ControlSpec(("meta",) * len(nets), ("canny",) * len(nets), (1.0,) * len(nets), (0.0,) * len(nets),
+                           (1.0,) * len(nets), False)
+        with _disable_current_modes():  # condition maps stay on the host until a call takes its frames
+            maps = [torch.empty(groups[-1].stop, 3, height, width, dtype=torch.uint8, device=META)
+                    for _ in nets]  # every frame's: a rank's calls index them by frame
+        control = Control(nets, ControlMaps(spec, maps), schedule.steps)
     tracker = LiveBytes()
     tracker.where = lambda: hooks.state.kind
     with tracker, _flash_attention():
@@ -215,12 +252,11 @@ def simulate_edit(unet_config, *, frames: int, height: int, width: int, chunk_fr
         with _disable_current_modes():
             x = torch.empty(frames, 4, h, w, device=META)
             src = torch.empty(frames, 4, h, w, device=META)
-            embs = torch.empty(3, 77, cross, device=META, dtype=dtype)
         edit_latents(models, hooks, loop, x, lambda t: src, embs, depth, group_batches=group_batches, progress=False,
-                     part=part)
+                     part=part, control=control)
     hooks.remove()
     per_step = {} if comm is None else {k: getattr(comm.stats, k) // max(comm.stats.steps, 1)
                                         for k in ("gathered_bytes", "boundary_bytes")}
-    return SimulatedMemory(tracker.peak, weights_bytes(unet), tracker.peak_at, rank or 0, frames, len(part.groups),
-                           per_step.get("gathered_bytes", 0), per_step.get("boundary_bytes", 0),
+    return SimulatedMemory(tracker.peak, weights_bytes(unet, *nets), tracker.peak_at, rank or 0, frames,
+                           len(part.groups), per_step.get("gathered_bytes", 0), per_step.get("boundary_bytes", 0),
                            {k: v for k, v in tracker.peak_in.items() if k in ("keyframe", "group")})

