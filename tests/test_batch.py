@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from procs import stop_when
 
 import suite_fakes as fake
 from tokenflow.batch import main
@@ -208,16 +208,9 @@ def test_killed_batch_loses_at_most_the_item_in_progress(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(tmp_path / "err.txt", "w") as err:
         p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            # events, not deadlines: the first finished item's line in results.jsonl
-            while not (root / "results.jsonl").exists() or not (root / "results.jsonl").read_text().strip():
-                assert p.poll() is None, (tmp_path / "err.txt").read_text()
-                time.sleep(0.05)
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        finally:
-            if p.poll() is None:
-                p.kill()
+        # The event: the first finished item's line in results.jsonl.
+        results = root / "results.jsonl"
+        stop_when(p, lambda: results.exists() and results.read_text().strip(), signal.SIGKILL, tmp_path / "err.txt")
     first = records(root)
     assert first and all(r["status"] == "done" for r in first)
     r = subprocess.run(args, env=env, capture_output=True, text=True)

@@ -6,12 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import yaml
+from procs import default_signals, stop_when
 
 from tokenflow.config import EditConfig
 from tokenflow.sample import SAMPLE_PATH
@@ -229,18 +229,9 @@ def test_sigint_during_editing(tmp_path):
     with open(cache / "stderr.txt", "w+") as log, open(cache / "stdout.txt", "w") as stdout:
         p = subprocess.Popen([str(SCRIPT), "sample", "--prompt", "x", *slow, "-o", "out.mp4", "--png"],
                              cwd=tmp_path, env=env, stdout=stdout, stderr=log, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            # Events, not deadlines: the edit checkpoint appears after the first finished editing step.
-            while not list(cache.glob("latents/*/edit_*.safetensors")):
-                assert p.poll() is None, (cache / "stderr.txt").read_text()
-                time.sleep(0.05)
-            assert p.poll() is None, "the run finished before it could be interrupted; make it slower"
-            p.send_signal(signal.SIGINT)
-            p.wait()
-        finally:
-            if p.poll() is None:
-                p.kill()
+                             preexec_fn=default_signals)
+        # The event: the edit checkpoint appears after the first finished editing step.
+        stop_when(p, lambda: list(cache.glob("latents/*/edit_*.safetensors")), signal.SIGINT, cache / "stderr.txt")
         err = (cache / "stderr.txt").read_text()
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err

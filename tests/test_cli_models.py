@@ -88,7 +88,7 @@ def test_sdxl_from_the_cli_at_its_default_size(tmp_path):
     r = cli("invert", "sample", "--model", "tiny-random-sdxl", "--frames", "1", "--n-inversion-steps", "2",
             "--n-timesteps", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "-> 1024x576 (crop)" in r.stderr and "inverted 1 frames 1024x576" in r.stdout
+    assert "-> 1024x576 (crop)" in r.stderr and "inverted 1 frame 1024x576" in r.stdout
     r = cli("sample", "--prompt", "a red car", *TINY, "--model", "tiny-random-sdxl", "--frames", "4", "-o", "xl.mp4",
             "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -13,7 +13,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from procs import default_signals, stop_when
 
 from tokenflow import cli, threads
 from tokenflow.errors import TokenFlowError
@@ -323,18 +323,9 @@ def test_sigterm_during_the_write_stage(tmp_path):
         # A child of a pytest-xdist worker inherits ignored signals: reset them to the default.
         p = subprocess.Popen([str(SCRIPT), "sample", "--prompt", "x", *TINY, "--frames", "12", "-o", "out/edit.mp4",
                               "--png", "--side-by-side", "-q"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=log, preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL)
-                                                             for s in (signal.SIGINT, signal.SIGTERM)])
-        try:
-            # The event: the first staged output (a hidden temporary name) appears when writing starts.
-            while not list(out.glob(".*.tmp*")):
-                assert p.poll() is None, "the run finished before it could be stopped; make it slower"
-                time.sleep(0.005)
-            p.send_signal(signal.SIGTERM)
-            p.wait()
-        finally:
-            if p.poll() is None:
-                p.kill()
+                             stderr=log, preexec_fn=default_signals)
+        # The event: the first staged output (a hidden temporary name) appears when writing starts.
+        stop_when(p, lambda: list(out.glob(".*.tmp*")), signal.SIGTERM, tmp_path / "stderr.txt")
     err = (tmp_path / "stderr.txt").read_text()
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); no partial output is left" in err and "Traceback" not in err

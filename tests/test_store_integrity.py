@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import wait_for
 
 from tokenflow import cache_admin, cli
 from tokenflow.store_io import Damaged, load_json, open_tensors, save_json, save_tensors
@@ -219,13 +220,6 @@ def test_file_checksums_catch_every_damage(tmp_path):
 
 # -- concurrency -------------------------------------------------------------------------------------
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen) -> None:
-    """Until `text` appears in the file `path` (an event, not a deadline); fails if `proc` ends first."""
-    while text not in path.read_text(errors="replace"):
-        assert proc.poll() is None, path.read_text(errors="replace")
-        time.sleep(0.05)
-
-
 def test_two_processes_invert_each_chunk_once(pristine, tmp_path):
     """The test holds chunk [0, 4) locked, so that both processes are surely running at once: they share the
     other chunks, then both wait for that one; released, it is inverted by one of them only."""
@@ -242,7 +236,7 @@ def test_two_processes_invert_each_chunk_once(pristine, tmp_path):
                 procs.append(subprocess.Popen([str(SCRIPT), "invert", "sample", *TINY, "-v"], cwd=tmp_path, env=env,
                                               stdout=subprocess.DEVNULL, stderr=err))
         for p, log in zip(procs, logs):
-            _wait_for(log, "waiting for", p)
+            wait_for(p, lambda: "waiting for" in log.read_text(errors="replace"), log)
         held.release()
         for p in procs:
             p.wait()

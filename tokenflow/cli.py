@@ -388,6 +388,11 @@ def run(command: str, args: argparse.Namespace) -> int:
         if p is not None:
             probe(p)
     preflight(cfg, sel, info)
+    via = resize_for(info.width, info.height, width=cfg.width, height=cfg.height,
+                     match_reference=True).via if cfg.match_reference else None  # the same for every model
+    if via is not None:
+        _note(quiet, f"--match-reference: the reference edits square sizes at 512x512, so the {via[0]}x{via[1]} "
+                     f"frames are stretched to 512x512 as it did; drop --match-reference to edit at {via[0]}x{via[1]}")
 
     from tokenflow.models import TINY_VARIANTS, resolve_device
     if resolve_device(cfg.device).type == "cpu":
@@ -406,10 +411,6 @@ def run(command: str, args: argparse.Namespace) -> int:
     resize = resize_for(info.width, info.height, width=cfg.width, height=cfg.height, resize=cfg.resize,
                         match_reference=cfg.match_reference, long_side=1024 if editor.models.is_sdxl else 512)
     W, H = resize.width, resize.height
-    if resize.via is not None:
-        _note(quiet, f"--match-reference: the reference edits square sizes at 512x512, so the {resize.via[0]}x"
-                     f"{resize.via[1]} frames are stretched to 512x512 as it did; drop --match-reference to edit "
-                     f"at {resize.via[0]}x{resize.via[1]}")
 
     from tokenflow.video import read_frames
     t0 = time.perf_counter()

@@ -191,6 +191,12 @@ def coerce(key: str, value, hint, *, strict: bool = False):
     spells the type ("40", "1e-3", "yes", "none") is converted unless `strict`; anything else raises a
     TokenFlowError naming the key and the type it needs."""
     args = typing.get_args(hint)
+    lists = [a for a in args if typing.get_origin(a) is list]
+    if lists:  # one value per ControlNet (e.g. `str | list[str] | None`): a list's items, or one value, converted
+        if isinstance(value, (list, tuple)):
+            return [coerce(key, v, typing.get_args(lists[0])[0], strict=strict) for v in value]
+        hint = typing.Union[tuple(a for a in args if a not in lists)]
+        args = typing.get_args(hint)
     optional = type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else hint
     word = value.strip().lower() if isinstance(value, str) and not strict else None

@@ -81,17 +81,8 @@ def main(argv: list[str] | None = None, *, metrics=None) -> int:
     except TokenFlowError as e:
         return _fail([str(e)])
     if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from tokenflow.batch.ranks import launch
-        rest, skip = [], False
-        for a in argv:  # the workers get the same arguments less --nproc
-            if skip or a.startswith("--nproc="):
-                skip = False
-                continue
-            if a == "--nproc":
-                skip = True
-                continue
-            rest.append(a)
-        return launch(args.nproc, rest)
+        from tokenflow.distributed import launch, without_nproc
+        return launch(args.nproc, "tokenflow.batch", without_nproc(argv))
     _setup_logging(args)
     ranks = None
     try:

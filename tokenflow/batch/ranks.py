@@ -76,24 +76,3 @@ def shard(costs: dict, world: int) -> dict:
         out[key] = r
         load[r] += cost
     return out
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """`--nproc N`: the same launcher as torchrun (torch.distributed.run, one node) running this module N times."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    # The ranks print their own errors and rank 0 the summary; the launcher's report of a non-zero exit code
-    # (an item failed: exit 1) would only repeat it with a traceback.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tokenflow.batch", *argv])
-    try:
-        run(args)
-    except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        return 130 if any(c in (-2, 130) for c in codes) else max([c for c in codes if c > 0] or [1])
-    except KeyboardInterrupt:
-        return 130
-    return 0
