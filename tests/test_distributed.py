@@ -92,6 +92,26 @@ def test_ranks_equal_one_process(tmp_path, tiny_editor, one_process, n_ranks, pa
         assert o["comm"]["boundary_bytes"] == (0 if i == 0 else records_per_keyframe(unet))
 
 
+def test_controlnet_ranks_equal_one_process(tmp_path, tiny_editor, one_process):
+    """Mode controlnet on 2 ranks: each rank's UNet calls take the condition maps of its own frames."""
+    pytest.importorskip("cv2")  # canny maps
+    one = tiny_editor.edit(clip(N), config(str(tmp_path / "one"), ["mode=controlnet"]), progress=False)
+    assert (one.latents - one_process.latents).abs().max() > 1e-2  # the ControlNet changes the edit
+    r, outs = ranks_edit(tmp_path / "ranks", 2, "mode=controlnet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_latents_match(torch.cat([o["latents"] for o in outs]), one.latents)
+
+
+def test_sdxl_ranks_equal_one_process(tmp_path):
+    """SDXL on 2 ranks: its added conditioning (pooled text, size numbers) goes into every rank's UNet calls."""
+    from tokenflow.editor import TokenFlowEditor
+    cfg = config(str(tmp_path / "one"), ["model=tiny-random-sdxl"])
+    one = TokenFlowEditor.from_config(cfg).edit(clip(N), cfg, progress=False)
+    r, outs = ranks_edit(tmp_path / "ranks", 2, "model=tiny-random-sdxl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_latents_match(torch.cat([o["latents"] for o in outs]), one.latents)
+
+
 def test_cli_nproc_writes_what_one_process_writes(tmp_path):
     """`tokenflow-edit --nproc 2` (torch.distributed.run inside): the same PNG frames, the same settings file, one
     tiny-model warning and one summary line; the side-by-side is streamed from rank 1 a second time."""

@@ -280,7 +280,7 @@ class DistributedEditor(TokenFlowEditor):
                 ranks.barrier("the encoding of the frames")
             x0 = store.load_x0()
             self._check_shared(store, x0 is not None, "x0.safetensors")
-        emb = m.encode_prompt([cfg.inversion_prompt])
+        emb = m.prompt_embeds([cfg.inversion_prompt], tuple(job.frames.shape[2:]))  # SDXL: with its added conditioning
         reused = ranks.broadcast(store.complete if ranks.leader else None, "reading the latent store")
         n = 0
         with _timed(timings, "invert"):
