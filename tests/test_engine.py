@@ -27,7 +27,7 @@ def test_invert_then_edit_end_to_end(model, mode, clip, tiny_cfg, monkeypatch):
     monkeypatch.setattr(editing, "draw_keyframes", lambda *a: drawn.append(draw(*a)) or drawn[-1])
     a = editor.edit(clip, cfg, progress=False, depth=depth)
     assert a.frames.shape == clip.shape and a.frames.dtype == torch.uint8 and a.latents.isfinite().all()
-    assert torch.equal(a.frames, torch.cat(list(decode_latents(editor.models, a.latents, 4))))
+    assert torch.equal(a.frames, torch.cat(list(decode_latents(editor.models, a.latents, a.memory_plan.vae_frames_per_call))))
     b = editor.edit(clip, cfg, progress=False, depth=depth)  # same seed, inversion reused
     assert b.inversion_reused and not a.inversion_reused
     c = editor.edit(clip, cfg, progress=False, depth=depth)
