@@ -56,10 +56,10 @@ if [ $DRY = 1 ]; then
   echo "$n GPU-marked tests selected" | tee -a "$OUT/tests.log"
   [ "$n" -gt 0 ] || fail "no GPU-marked test collected"
 else
-  python3 -m pytest -q $KERNEL_TESTS 2>&1 | tail -40 | tee "$OUT/tests.log"
+  python3 -m pytest -q -m "not gpu" $KERNEL_TESTS 2>&1 | tail -40 | tee "$OUT/tests.log"  # GPU-marked: next line
   python3 -m pytest -q -m gpu tests 2>&1 | tail -40 | tee -a "$OUT/tests.log"
 fi
-SANITIZE="compute-sanitizer --tool memcheck python3 -m pytest -q -m gpu tests/test_propagate_native.py"
+SANITIZE="compute-sanitizer --tool memcheck python3 -m pytest -q -m gpu tests/test_propagate.py"
 if [ $DRY = 1 ]; then
   echo "would run: $SANITIZE" | tee "$OUT/sanitizer.log"
 elif command -v compute-sanitizer >/dev/null; then

@@ -100,6 +100,15 @@ def test_loveu_reader(tmp_path, fmt):
     assert s.address == {"subset": "youtube_480p", "video": "salsa", "edit": "object"}
 
 
+def test_suite_files_of_the_wrong_shape_are_problems_not_tracebacks(tmp_path):
+    from tokenflow.batch.suites import read_fivebench, read_v2vbench
+    five, v2v = tmp_path / "edit1_FiVE.json", tmp_path / "v2vbench.json"
+    five.write_text(json.dumps({"video_name": "0001_bus"}))
+    v2v.write_text(json.dumps([{"video_id": "hike"}]))
+    assert read_fivebench(five, None).problems == [f"{five}: not a FiVE-Bench task file (a JSON list of entries)"]
+    assert read_v2vbench(v2v, None).problems == [f"{v2v}: not a V2VBench index (a mapping with a list `data`)"]
+
+
 def test_suite_problems_are_reported_before_any_work(tmp_path, capsys):
     data = fake.fivebench(tmp_path)
     f = data / "edit_prompt" / "edit3_FiVE.json"

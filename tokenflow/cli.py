@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from tokenflow import __version__
-from tokenflow.config import DTYPES, MODES, RESIZE, EditConfig
+from tokenflow.config import DTYPES, MODES, RESIZE, EditConfig, check_selection, positive_rate
 from tokenflow.errors import TokenFlowError
 from tokenflow.outputs import DEFAULT_OUT_DIR, PROG, RESULT_KEY, Outputs, write_outputs
 from tokenflow.outputs import fmt_timings as _fmt_timings
@@ -116,16 +116,6 @@ def _nonneg_int(text: str) -> int:
 _nonneg_int.__name__ = "non-negative int"
 
 
-def _fraction(text: str) -> Fraction:
-    v = Fraction(text)
-    if v <= 0:
-        raise ValueError(text)
-    return v
-
-
-_fraction.__name__ = "positive rate (e.g. 24 or 30000/1001)"
-
-
 def _crf(text: str) -> int:
     v = int(text)
     if not 0 <= v <= 51:  # H.264's CRF scale
@@ -196,7 +186,7 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
                    help="first input frame to use, 0-based (default: 0; config key: first_frame)")
     g.add_argument("--stride", type=int, default=argparse.SUPPRESS,
                    help="use every STRIDE-th frame; the output plays at input fps / STRIDE (default: 1; config key: stride)")
-    g.add_argument("--fps", type=_fraction, default=argparse.SUPPRESS,
+    g.add_argument("--fps", type=positive_rate, default=argparse.SUPPRESS,
                    help="frame rate of a folder-of-frames input (default: 24; config key: fps); videos keep their own")
     if command != "invert":
         o = p.add_argument_group("output")
@@ -268,15 +258,7 @@ def resolve(args: argparse.Namespace) -> tuple[EditConfig, dict]:
         sel["input"] = args.input
     if sel["input"] is None:
         raise TokenFlowError("no input: give a video file, a folder of frames or `sample` (or `input:` in --config)")
-    if not isinstance(sel["first_frame"], int) or sel["first_frame"] < 0:
-        raise TokenFlowError(f"--start {sel['first_frame']} must be a frame index >= 0")
-    if not isinstance(sel["stride"], int) or sel["stride"] < 1:
-        raise TokenFlowError(f"--stride {sel['stride']} must be at least 1 (1 uses every frame)")
-    if sel["fps"] is not None:
-        try:
-            sel["fps"] = _fraction(str(sel["fps"]))
-        except (ValueError, ZeroDivisionError):
-            raise TokenFlowError(f"fps {sel['fps']!r} must be a positive rate such as 24 or 30000/1001") from None
+    check_selection(sel, {"first_frame": "--start", "stride": "--stride", "fps": "--fps"})
     merged = {**data, **flags}
     if merged.get("match_reference") and merged.get("resize", "stretch") != "stretch":
         raise TokenFlowError(f"--match-reference stretches frames as the reference does, which conflicts with "

@@ -11,6 +11,7 @@ import logging
 import os
 import typing
 from dataclasses import dataclass, fields
+from fractions import Fraction
 
 from tokenflow.errors import TokenFlowError
 
@@ -244,3 +245,32 @@ def _example(key: str, base) -> str:
     if v is not None and not isinstance(v, str):
         return str(v).lower() if isinstance(v, bool) else str(v)
     return {int: "40", float: "0.5", bool: "true", str: '"..."'}.get(base, "...")
+
+
+# -- the frame selection (input keys beside EditConfig: first_frame, stride, fps) -------------------
+
+def positive_rate(text: str) -> Fraction:
+    """A frame rate such as 24 or 30000/1001 (ValueError or ZeroDivisionError otherwise)."""
+    v = Fraction(text)
+    if v <= 0:
+        raise ValueError(text)
+    return v
+
+
+positive_rate.__name__ = "positive rate (e.g. 24 or 30000/1001)"  # argparse names the type with it
+
+
+def check_selection(sel: dict, names: dict | None = None) -> None:
+    """Check a frame selection (keys first_frame, stride, fps) in place, fps made a Fraction. `names`: how the
+    caller's user spells the keys (the CLI: {"first_frame": "--start", ...}); errors use them."""
+    name = (names or {}).get
+    if not isinstance(sel["first_frame"], int) or sel["first_frame"] < 0:
+        raise TokenFlowError(f"{name('first_frame', 'first_frame')} {sel['first_frame']!r} must be a frame index >= 0")
+    if not isinstance(sel["stride"], int) or sel["stride"] < 1:
+        raise TokenFlowError(f"{name('stride', 'stride')} {sel['stride']!r} must be at least 1 (1 uses every frame)")
+    if sel["fps"] is not None:
+        try:
+            sel["fps"] = positive_rate(str(sel["fps"]))
+        except (ValueError, ZeroDivisionError):
+            raise TokenFlowError(f"{name('fps', 'fps')} {sel['fps']!r} must be a positive rate such as 24 or "
+                                 f"30000/1001") from None

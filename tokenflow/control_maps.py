@@ -88,14 +88,12 @@ def depth_estimator(models):
 @torch.no_grad()
 def depth(models, frames: torch.Tensor, chunk: int, progress: bool = False) -> torch.Tensor:
     """DPT depth of uint8 frames [N, 3, H, W] -> uint8 [N, 3, H, W], near bright, one scale per video."""
-    model, proc = depth_estimator(models)
+    from tokenflow.depth import predict
+
     n, _, H, W = frames.shape
-    preds = []
-    for a in bar(range(0, n, chunk), "depth maps", progress, unit="batch"):
-        px = proc(images=list(frames[a:a + chunk].permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
-        pred = model(pixel_values=px.to(models.device, models.dtype)).predicted_depth.float().cpu()
-        preds.append(F.interpolate(pred.unsqueeze(1), size=(H, W), mode="bicubic", align_corners=False))
-    d = torch.cat(preds).clamp_min(0)
+    pred = predict(depth_estimator(models), frames, chunk, models.device, models.dtype,
+                   bar(range(0, n, chunk), "depth maps", progress, unit="batch"))
+    d = F.interpolate(pred, size=(H, W), mode="bicubic", align_corners=False).clamp_min(0)
     top = float(d.max())
     d = d / top if top > 0 else d
     return d.mul(255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()

@@ -16,6 +16,18 @@ def normalise(depth: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict(estimator, frames: torch.Tensor, chunk: int, device, dtype, batches=None):
+    """The DPT estimator's raw depth of uint8 frames [N, 3, H, W], `chunk` frames per call: [N, 1, h', w'] float32,
+    on the host. `batches`: the chunk starts to run (default all; e.g. wrapped in a progress bar)."""
+    model, proc = estimator
+    out = []
+    for a in batches if batches is not None else range(0, len(frames), chunk):
+        px = proc(images=list(frames[a:a + chunk].permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
+        out.append(model(pixel_values=px.to(device, dtype)).predicted_depth.float().cpu().unsqueeze(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def depth_maps(models, frames: torch.Tensor, given: torch.Tensor | None, chunk: int) -> torch.Tensor:
     """Depth at latent resolution for frames [N, 3, H, W] uint8: from `given` ([N, 1|3, H', W']) or the
     model's DPT estimator. Returned on the host, float32."""
@@ -29,10 +41,5 @@ def depth_maps(models, frames: torch.Tensor, given: torch.Tensor | None, chunk: 
     if models.depth_estimator is None:
         raise TokenFlowError("mode 'depth' needs depth maps: give a depth video or frame folder, or use a depth "
                              "model folder that ships its estimator (depth_estimator/ and feature_extractor/)", key="depth")
-    model, proc = models.depth_estimator
-    out = []
-    for a in range(0, n, chunk):
-        px = proc(images=list(frames[a:a + chunk].permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
-        pred = model(pixel_values=px.to(models.device, models.dtype)).predicted_depth
-        out.append(normalise(pred.unsqueeze(1).cpu(), h, w))
-    return torch.cat(out)
+    pred = predict(models.depth_estimator, frames, chunk, models.device, models.dtype)
+    return normalise(pred, h, w)

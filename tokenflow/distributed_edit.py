@@ -234,13 +234,10 @@ class DistributedEditor(TokenFlowEditor):
 
     @classmethod
     def from_config(cls, cfg: EditConfig, ranks: Ranks | None = None) -> "DistributedEditor":
-        from tokenflow.models import load_models, resolve_device, resolve_dtype
+        from tokenflow.editor import models_for
 
         ranks = ranks or current()
-        device = ranks.device or resolve_device(cfg.device)
-        models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                             model_config=cfg.model_config)
-        return cls(models, ranks, cache_dir=cfg.cache_dir)
+        return cls(models_for(cfg, ranks.device), ranks, cache_dir=cfg.cache_dir)
 
     def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None,
                 control=None) -> EditJob:

@@ -62,8 +62,9 @@ class Inversion:
     def path(self) -> Path:
         return self.store.path
 
-    def latents_at(self, t: int) -> torch.Tensor:
-        return self.store.latents_at(t, len(self.x0))
+    def latents_at(self, t: int, frames: range | None = None) -> torch.Tensor:
+        """The kept latents at t of every frame, or of `frames` only."""
+        return self.store.latents_at(t, len(self.x0), frames)
 
 
 @dataclass
@@ -87,13 +88,7 @@ class TokenFlowEditor:
 
     @classmethod
     def from_config(cls, cfg: EditConfig) -> "TokenFlowEditor":
-        device = resolve_device(cfg.device)
-        models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                             model_config=cfg.model_config, vae=cfg.vae)
-        if cfg.mode == "controlnet":  # loaded and checked against the model now (prepare finds them loaded)
-            from tokenflow.control import controlnets, resolve_spec
-            controlnets(models, resolve_spec(cfg.validate(), models), cfg.controlnet_config)
-        return cls(models, cache_dir=cfg.cache_dir)
+        return cls(models_for(cfg), cache_dir=cfg.cache_dir)
 
     def prepare(self, frames: torch.Tensor, cfg: EditConfig, *, depth: torch.Tensor | None = None,
                 control=None) -> EditJob:
@@ -184,7 +179,7 @@ class TokenFlowEditor:
         if cfg.mode == "sdedit" and not cfg.use_ddim_noise:
             eps = torch.randn(inversion.x0.shape, generator=torch.Generator().manual_seed(cfg.seed))[own]
         else:
-            eps = inversion_noise(sched, x0, inversion.latents_at(T)[own], T)
+            eps = inversion_noise(sched, x0, inversion.latents_at(T, part.frames), T)
         x = initial_latents(sched, x0, eps, schedule.sampling[schedule.first_step])
         embs = m.prompt_embeds([cfg.inversion_prompt, cfg.negative_prompt, cfg.prompt], tuple(job.frames.shape[2:]))
         ctrl = None
@@ -208,7 +203,7 @@ class TokenFlowEditor:
         with _timed(timings, "edit"), install(m.unet, settings, records) as hooks:
             self.hooks = hooks
             try:
-                x = edit_latents(m, hooks, job.loop(), x, lambda t: inversion.latents_at(t)[own], embs, depth,
+                x = edit_latents(m, hooks, job.loop(), x, lambda t: inversion.latents_at(t, part.frames), embs, depth,
                                  group_batches=group_batches, progress=progress, checkpoint=checkpoint, part=part,
                                  control=ctrl)
             finally:
@@ -232,6 +227,17 @@ class TokenFlowEditor:
 
     def _finish(self, job: EditJob, part: Part, result: EditResult) -> EditResult:
         return result
+
+
+def models_for(cfg: EditConfig, device: torch.device | None = None):
+    """The models `cfg` names (model, VAE, ControlNets) on `device` (default: cfg.device's)."""
+    device = device or resolve_device(cfg.device)
+    models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                         model_config=cfg.model_config, vae=cfg.vae)
+    if cfg.mode == "controlnet":  # loaded and checked against the model now (prepare finds them loaded)
+        from tokenflow.control import controlnets, resolve_spec
+        controlnets(models, resolve_spec(cfg.validate(), models), cfg.controlnet_config)
+    return models
 
 
 @contextmanager

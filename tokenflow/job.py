@@ -42,10 +42,6 @@ class EditJob:
         if self.parts is None:
             self.parts = [range(len(self.groups))]
 
-    @property
-    def latent_size(self) -> tuple[int, int]:
-        return self.frames.shape[2] // 8, self.frames.shape[3] // 8
-
     def loop(self) -> EditLoop:
         c = self.cfg
         return EditLoop(self.groups, c.batch_size, c.guidance_scale, self.schedule, c.seed)

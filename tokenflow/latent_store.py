@@ -325,16 +325,21 @@ class LatentStore:
         h = self._file("x0.safetensors", "the frames will be encoded again", expected=lost)
         return None if h is None else h.get_tensor("x0")
 
-    def latents_at(self, t: int, n_frames: int) -> torch.Tensor:
-        """Kept latents of all frames at timestep t: [N, 4, h, w] (read lazily, one tensor per chunk)."""
+    def latents_at(self, t: int, n_frames: int, frames: range | None = None) -> torch.Tensor:
+        """Kept latents at timestep t of all frames, [N, 4, h, w], or of `frames` only, read from the chunks
+        that hold them (one rank's share of a distributed edit)."""
+        lo, hi = (0, n_frames) if frames is None else (frames.start, frames.stop)
         parts = []
         for a, b in self.chunks(n_frames):
+            if b <= lo or a >= hi:
+                continue
             h = self._file(self.chunk_path(a, b).name, "run again to invert it again")
             if h is None:
                 from tokenflow.errors import TokenFlowError
                 raise TokenFlowError(f"the latent store lost frames [{a}, {b}) of {self.path} during the run; "
                                      f"run again to invert them again")
-            parts.append(h.get_tensor(f"t{t}"))
+            x = h.get_tensor(f"t{t}")
+            parts.append(x if lo <= a and b <= hi else x[max(lo - a, 0):min(hi, b) - a])
         return torch.cat(parts)
 
 

@@ -115,8 +115,10 @@ class Models:
 def family(unet_config) -> str:
     """The model family of a UNet (or ControlNet) config, by structure: SDXL (added text-time conditioning),
     else SD 1.x or SD 2.x by the width of the text embeddings it attends to."""
+    from tokenflow.sdxl import is_sdxl_unet
+
     c = dict(unet_config)
-    if c.get("addition_embed_type") == "text_time":
+    if is_sdxl_unet(c):
         return "SDXL"
     width = c.get("cross_attention_dim")
     return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"a UNet attending to {width}-wide text embeddings")
@@ -315,7 +317,7 @@ def _load_single_file(path: Path, model_config: str | None) -> Models:
             raise TokenFlowError(f"model_config {model_config!r} is not a diffusers folder (no unet/ subfolder)",
                                  key="model_config")
         kw["config"] = model_config
-    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+    elif offline():
         raise TokenFlowError(f"single-file checkpoint {path.name} needs model_config offline: a diffusers "
                              f"folder of the same architecture (e.g. a downloaded SD 2.1-base, or SDXL base for an "
                              f"SDXL checkpoint) to read its configs from", key="model_config")

@@ -111,9 +111,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             raise TokenFlowError(f"{files[0]} is not a readable image ({_why(e)})") from None
         fps, source = DEFAULT_FOLDER_FPS, None
         for video in videos_named_like(path):
-            try:
-                fps, source = probe(video).fps, video
-                break
+            try:  # its rate only: the header, not a count of its packets
+                with _open(video) as c:
+                    if c.streams.video:
+                        fps, source = _rate(c.streams.video[0]), video
+                        break
             except TokenFlowError:  # an unreadable neighbour does not make the frames unreadable
                 continue
         return VideoInfo(path, len(files), fps, w, h, False, is_folder=True, fps_from=source)
@@ -123,8 +125,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         if not c.streams.video:
             raise TokenFlowError(f"{path} has no video stream; give a video file or a folder of frames")
         s = c.streams.video[0]
-        fps = s.average_rate or s.guessed_rate or s.base_rate
-        fps = Fraction(fps) if fps else DEFAULT_FOLDER_FPS
+        fps = _rate(s)
         n = s.frames
         if not n:  # webm/gif/mkv often do not store a count: count packets (no decoding)
             try:
@@ -136,6 +137,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         a = c.streams.audio[0] if c.streams.audio else None
         return VideoInfo(path, int(n), fps, s.codec_context.width, s.codec_context.height, a is not None,
                          a.codec_context.name if a is not None else None, False, s.codec_context.name)
+
+
+def _rate(stream) -> Fraction:
+    fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(fps) if fps else DEFAULT_FOLDER_FPS
 
 
 @dataclass(frozen=True)
@@ -215,13 +221,16 @@ def restore_size(frames: torch.Tensor, resize: Resize, src_w: int, src_h: int) -
     if resize.policy == "crop" and (resize.width, resize.height) != (src_w, src_h):
         raise TokenFlowError("frames resized with `crop` cannot be mapped back onto the source: the cut borders "
                              "are gone; use resize stretch or pad")
+    box = None  # the padded picture inside the frame, the same for every frame
+    if resize.policy == "pad" and resize.via is None:
+        nw, nh = _scaled_size(src_w, src_h, resize.width, resize.height, "pad")
+        x, y = (resize.width - nw) // 2, (resize.height - nh) // 2
+        box = (x, y, x + nw, y + nh)
     out = []
     for f in frames:
         im = _to_image(f)
-        if resize.policy == "pad" and resize.via is None:
-            nw, nh = _scaled_size(src_w, src_h, resize.width, resize.height, "pad")
-            x, y = (resize.width - nw) // 2, (resize.height - nh) // 2
-            im = im.crop((x, y, x + nw, y + nh))
+        if box is not None:
+            im = im.crop(box)
         if im.size != (src_w, src_h):
             im = im.resize((src_w, src_h), Image.Resampling.LANCZOS)
         out.append(_to_tensor(im))

@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenflow import __version__
 from tokenflow.batch.layouts import LAYOUTS
 from tokenflow.batch.runner import PROG
-from tokenflow.config import EditConfig
+from tokenflow.config import EditConfig, positive_rate
 from tokenflow.errors import TokenFlowError
 
 EPILOG = """\
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tokenflow.cli import _add_config_flags, _fraction, _nonneg_int
+    from tokenflow.cli import _add_config_flags, _nonneg_int
 
     p = _Parser(prog=PROG, description=f"{PROG}: edit every item of a manifest or benchmark suite in one run "
                 "(each model loaded once, each video inverted once).", epilog=EPILOG,
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--start", "--first-frame", dest="first_frame", type=_nonneg_int, default=argparse.SUPPRESS,
                    help="first input frame to use, 0-based (config key: first_frame)")
     g.add_argument("--stride", type=int, default=argparse.SUPPRESS, help="use every STRIDE-th frame (config key: stride)")
-    g.add_argument("--fps", type=_fraction, default=argparse.SUPPRESS, help="frame rate of frame-folder inputs")
+    g.add_argument("--fps", type=positive_rate, default=argparse.SUPPRESS, help="frame rate of frame-folder inputs")
     s = p.add_argument_group("edit settings for every item (each also a config key; an item's own keys win)")
     _add_config_flags(s)
     m = p.add_argument_group("messages").add_mutually_exclusive_group()
@@ -80,9 +80,14 @@ def main(argv: list[str] | None = None, *, metrics=None) -> int:
         args = build_parser().parse_args(argv)
     except TokenFlowError as e:
         return _fail([str(e)])
-    if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from tokenflow.distributed import launch, without_nproc
-        return launch(args.nproc, "tokenflow.batch", without_nproc(argv))
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        from tokenflow.distributed import check_nproc, launch, without_nproc
+        try:  # a count this machine cannot run, before any process starts (as tokenflow-edit --nproc)
+            check_nproc(args.nproc, getattr(args, "device", None))
+        except TokenFlowError as e:
+            return _fail([str(e)])
+        if args.nproc > 1:
+            return launch(args.nproc, "tokenflow.batch", without_nproc(argv))
     _setup_logging(args)
     ranks = None
     try:

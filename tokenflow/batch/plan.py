@@ -9,16 +9,14 @@ one item's setting or an unreadable video only marks that item failed: the batch
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 from tokenflow.batch import layouts
 from tokenflow.batch.manifest import SELECTION_KEYS, SETTING_KEYS, unknown_keys
 from tokenflow.batch.records import settings_hash, video_fingerprint
 from tokenflow.batch.spec import Source, Spec
-from tokenflow.config import EditConfig
+from tokenflow.config import EditConfig, check_selection
 from tokenflow.errors import TokenFlowError
 from tokenflow.sdxl import default_long_side
 
@@ -68,7 +66,7 @@ def build(source: Source, root: Path, layout_name: str | None, config: dict, fla
           device=lambda d: d) -> Plan:
     """`config`: the --config file's mapping; `flags`: the settings given as flags; `device(requested)`: the
     device this rank uses for it."""
-    from tokenflow.video import probe, resize_for
+    from tokenflow.video import count_selected, probe, resize_for
 
     problems = list(source.problems)
     problems += unknown_keys(config, SETTING_KEYS, "--config")
@@ -80,6 +78,7 @@ def build(source: Source, root: Path, layout_name: str | None, config: dict, fla
     owner: dict[Path, str] = {}
     missing: set[Path] = set()
     probed: dict[Path, object] = {}
+    fingerprints: dict[Path, object] = {}  # per video (a folder's lists and stats every frame file)
     for spec in source.specs:
         it = Item(spec)
         items.append(it)
@@ -117,7 +116,7 @@ def build(source: Source, root: Path, layout_name: str | None, config: dict, fla
                                 f"suite's default) or pad")
                 continue
             it.cfg = it.cfg.replace(device=device(it.cfg.device))
-            _check_selection(it.sel)
+            check_selection(it.sel)
         except TokenFlowError as e:
             it.error = str(e)
             continue
@@ -134,28 +133,16 @@ def build(source: Source, root: Path, layout_name: str | None, config: dict, fla
         it.resize = resize_for(info.width, info.height, width=it.cfg.width, height=it.cfg.height, resize=it.cfg.resize,
                                match_reference=it.cfg.match_reference,
                                long_side=default_long_side(it.cfg.model, it.cfg.model_config))
-        avail = max(0, math.ceil((info.frames - it.sel["first_frame"]) / it.sel["stride"]))
-        it.frames = avail if it.cfg.n_frames is None else min(avail, it.cfg.n_frames)
-        if it.frames == 0:
-            it.error = (f"no frames selected: {spec.video} has {info.frames} frames and the selection starts at "
-                        f"frame {it.sel['first_frame']}")
+        try:
+            it.frames = count_selected(info, it.sel["first_frame"], it.cfg.n_frames, it.sel["stride"])
+        except TokenFlowError as e:
+            it.error = str(e)
             continue
-        it.hash = settings_hash(it.cfg.to_dict(), it.sel, video_fingerprint(spec.video), layout.name,
+        if spec.video not in fingerprints:
+            fingerprints[spec.video] = video_fingerprint(spec.video)
+        it.hash = settings_hash(it.cfg.to_dict(), it.sel, fingerprints[spec.video], layout.name,
                                 {"crf": crf} if layout.name == "plain" else {})
     return Plan(items, layout, _unique(problems))
-
-
-def _check_selection(sel: dict) -> None:
-    if not isinstance(sel["first_frame"], int) or sel["first_frame"] < 0:
-        raise TokenFlowError(f"first_frame {sel['first_frame']!r} must be a frame index >= 0")
-    if not isinstance(sel["stride"], int) or sel["stride"] < 1:
-        raise TokenFlowError(f"stride {sel['stride']!r} must be at least 1 (1 uses every frame)")
-    if sel["fps"] is not None:
-        try:
-            sel["fps"] = Fraction(str(sel["fps"]))
-            assert sel["fps"] > 0
-        except (ValueError, ZeroDivisionError, AssertionError):
-            raise TokenFlowError(f"fps {sel['fps']!r} must be a positive rate such as 24 or 30000/1001") from None
 
 
 def _unique(lines: list[str]) -> list[str]:

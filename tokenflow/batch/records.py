@@ -98,9 +98,8 @@ def _lines(path: Path) -> list[dict]:
 
 
 def write_summary(root: Path, summary: dict) -> None:
-    tmp = root / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, root / SUMMARY)
+    from tokenflow.store_io import atomic_write
+    atomic_write(root / SUMMARY, json.dumps(summary, indent=1).encode())
 
 
 def summary_table(s: dict) -> str:

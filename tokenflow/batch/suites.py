@@ -70,6 +70,8 @@ FIVE_DEFAULTS = {"n_frames": 40, "resize": "stretch"}
 def read_fivebench(path: Path, data: Path | None) -> Source:
     src = Source("fivebench", defaults=dict(FIVE_DEFAULTS), layout="fivebench")
     entries, problem = load_structured(path)
+    if not problem and not isinstance(entries, list):
+        problem = f"{path}: not a FiVE-Bench task file (a JSON list of entries)"
     if problem:
         src.problems.append(problem)
         return src
@@ -107,6 +109,8 @@ V2V_DEFAULTS = {"resize": "stretch"}
 def read_v2vbench(path: Path, data: Path | None) -> Source:
     src = Source("v2vbench", defaults=dict(V2V_DEFAULTS), layout="v2vbench")
     index, problem = load_structured(path)
+    if not problem and not (isinstance(index, dict) and isinstance(index.get("data"), list)):
+        problem = f"{path}: not a V2VBench index (a mapping with a list `data`)"
     if problem:
         src.problems.append(problem)
         return src

@@ -101,8 +101,6 @@ def tiny_clip_dir() -> str:
 
 
 def resolve_device(name: str | None) -> str:
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
-        raise TokenFlowError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
-    return name
+    """The metrics' device: "auto" (or None) takes a GPU where there is one (tokenflow.models.resolve_device)."""
+    from tokenflow.models import resolve_device as engine_device
+    return str(engine_device(None if name == "auto" else name))

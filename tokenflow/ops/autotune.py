@@ -21,6 +21,7 @@ $TOKENFLOW_CACHE/ops/autotune.json, else ~/.cache/tokenflow/ops/autotune.json.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ def shape_class(op: str, inputs: dict) -> str:
     return key
 
 
+@functools.cache  # auto looks its choice up on every op call: no file read per call
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -84,6 +86,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
+def _cuda_model(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)}, sm_{major}{minor}"
+
+
 def device_key(device: torch.device) -> str:
     """The machine, device and software a measurement holds for."""
     from tokenflow.ops import __version__
@@ -91,9 +99,7 @@ def device_key(device: torch.device) -> str:
 
     soft = f"torch {torch.__version__}, tokenflow-ops {__version__}"
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"cuda: {torch.cuda.get_device_name(index)}, sm_{major}{minor}; {soft}"
+        return f"cuda: {_cuda_model(device.index if device.index is not None else torch.cuda.current_device())}; {soft}"
     if device.type == "cpu":
         presearch = os.environ.get("TOKENFLOW_CPU_PRESEARCH", "1")
         return (f"cpu: {_cpu_model()}, tokenflow._C {cpu_isa() or 'not built'} (presearch {presearch}), "

@@ -109,6 +109,15 @@ def tokenflow_block(block_class: type, base: type | None = None, *, backend: str
     (`kf_attn_output`); in group pass `self.batch_idx` it returns `ops.propagate` of the keyframes'
     recorded outputs (no residual: the block adds it, after its gate if it has one)."""
     base = base or next(c for c in block_class.__mro__[1:] if "forward" in vars(c) and c.__name__ != block_class.__name__)
+    blends = {}  # (batch_idx, n, device) -> (which, w, promote): made once, on the host, so no call syncs a GPU
+
+    def blend(batch_idx: int, n: int, device):
+        key = (batch_idx, n, device)
+        if key not in blends:
+            which, w = weights(batch_idx, n, "cpu")
+            promote = reference_dtypes and bool((which[:, 1:] >= 0).any())  # the reference's float32 weights promote
+            blends[key] = which.to(device), w.to(device), promote
+        return blends[key]
 
     def attn1_call(self, attn1, norm_hidden_states, *args, **kwargs):
         rows, S, C = norm_hidden_states.shape
@@ -120,8 +129,8 @@ def tokenflow_block(block_class: type, base: type | None = None, *, backend: str
             return out
         key_feats = self.pivot_hidden_states[0]                       # [K, S, C], keyframe b of group b
         key_out = self.kf_attn_output.view(3, -1, S, C)
-        which, w = weights(int(self.batch_idx), n, norm_hidden_states.device)
-        if reference_dtypes and bool((which[:, 1:] >= 0).any()):     # the reference's float32 weights promote
+        which, w, promote = blend(int(self.batch_idx), n, norm_hidden_states.device)
+        if promote:
             key_out = key_out.to(torch.promote_types(key_out.dtype, w.dtype))
         with _forced(backend):
             out = ops.propagate(norm_hidden_states[:n], key_feats, key_out, which, w)
