@@ -130,10 +130,10 @@ def test_failures_are_isolated_recorded_and_retried_on_request(clips, monkeypatc
     (clips / "text.mp4").write_text("not a video\n")
     edit = TokenFlowEditor.edit
 
-    def oom_for_one_prompt(self, frames, cfg, **k):
-        if cfg.prompt == "too big":
+    def oom_for_one_prompt(self, job, *a, **k):
+        if job.cfg.prompt == "too big":
             raise torch.cuda.OutOfMemoryError("fake: CUDA out of memory")
-        return edit(self, frames, cfg, **k)
+        return edit(self, job, *a, **k)
     monkeypatch.setattr(TokenFlowEditor, "edit", oom_for_one_prompt)
     m = manifest(clips, [{"video": "a", "prompt": "fine"}, {"video": "text.mp4", "prompt": "x"},
                          {"video": "a", "prompt": "y", "pnp_attn_t": 2}, {"video": "b", "prompt": "too big"},

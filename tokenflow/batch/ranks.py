@@ -52,6 +52,10 @@ class Ranks:
         torch.distributed.gather_object(obj, out, dst=0)
         return out
 
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

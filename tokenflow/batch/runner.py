@@ -123,10 +123,12 @@ class Runner:
             self._run(mine)
         stats = self.ranks.gather({"model_loads": self.loads, "inversions": self.inversions,
                                    "inversions_reused": self.inversions_reused})
-        if self.ranks.rank != 0:
-            return 0
-        self.records.fold_parts(order)
-        return self._summarise(stats, time.perf_counter() - t0)
+        code = 0
+        if self.ranks.rank == 0:
+            self.records.fold_parts(order)
+            code = self._summarise(stats, time.perf_counter() - t0)
+        self.ranks.barrier()  # every rank leaves together: none tears its gloo group down while a peer still uses it
+        return code
 
     def _run(self, mine: list[Item]) -> None:
         from tokenflow.editor import TokenFlowEditor
@@ -164,8 +166,9 @@ class Runner:
         read_s = time.perf_counter() - t
         for group in _groups(items, Item.inversion_key):
             tim: dict[str, float] = {}
-            try:
-                inv = editor.invert(frames, group[0].cfg, progress=self.show, depth=depth, _timings=tim)
+            try:  # the first item's job serves the inversion and its own edit: resolved once
+                job = self._prepare(editor, group[0], frames, depth)
+                inv = editor.invert(job, progress=self.show, _timings=tim)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -176,8 +179,8 @@ class Runner:
             invert_s = sum(tim.values())
             for k, it in enumerate(group):
                 first = k == 0
-                self._edit(editor, it, frames, depth, inv, read_s if it is it0 else 0.0, invert_s if first else 0.0,
-                           inv.reused or not first)
+                self._edit(editor, it, job if first else None, frames, depth, inv, read_s if it is it0 else 0.0,
+                           invert_s if first else 0.0, inv.reused or not first)
 
     def _condition_videos(self, it: Item, n: int):
         """Mode controlnet's condition videos of the item, read with its frame selection (None: none given)."""
@@ -190,11 +193,13 @@ class Runner:
         return [None if p is None else read_frames(Path(p).expanduser(), start=it.sel["first_frame"], count=n,
                                                    stride=it.sel["stride"], resize=it.resize) for p in paths]
 
-    def _edit(self, editor, it: Item, frames, depth, inv, read_s: float, invert_s: float, reused: bool) -> None:
+    def _prepare(self, editor, it: Item, frames, depth):
+        return editor.prepare(frames, it.cfg, depth=depth, control=self._condition_videos(it, len(frames)))
+
+    def _edit(self, editor, it: Item, job, frames, depth, inv, read_s: float, invert_s: float, reused: bool) -> None:
         rec = self._record(it, inversion_reused=reused)
         try:
-            res = editor.edit(frames, it.cfg, progress=self.show, depth=depth, inversion=inv,
-                              control=self._condition_videos(it, len(frames)))
+            res = editor.edit(job or self._prepare(editor, it, frames, depth), progress=self.show, inversion=inv)
             t = time.perf_counter()
             fps = it.sel["fps"] if (it.info.is_folder and it.sel["fps"]) else it.info.fps
             seconds = {"read": read_s, "invert": invert_s, "edit": res.timings.get("edit", 0.0),
